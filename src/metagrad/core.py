@@ -1,0 +1,295 @@
+"""The functional meta-learning engine.
+
+:class:`MetaLearner` composes the four orthogonal choices:
+
+* **learner**: a model (any ``nn.Module``) and which of its parameters adapt (``adapt=``);
+* **update rule**: how an inner gradient becomes a step (``rule=``, :mod:`metagrad.rules`);
+* **meta-gradient**: how the outer gradient is computed (``meta_gradient=``,
+  :mod:`metagrad.gradients`);
+* **schedule**: inner steps at train and test time, per-step losses (``schedule=``).
+
+The unit of computation is a pure function of a parameter dict: adaptation maps
+``(meta_params, support) -> adapted params`` through ``torch.func.functional_call`` and
+``torch.func.grad``, so a meta-batch runs under ``torch.func.vmap`` (or a per-task loop, with the
+same result). Meta-parameters are a nested dict ``{"model": {...}, "rule": {...}}``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .gradients import MetaGradient, make_meta_gradient
+from .learners import select_adapted
+from .learners.select import AdaptSpec
+from .rules import UpdateRule, make_rule
+from .schedule import Schedule
+from .tasks import TaskBatch
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_TASK_DIMS = (None, 0, 0, 0, 0)  # meta_params shared, one task per slice of the batch
+
+
+def _encode(name: str) -> str:  # ParameterDict keys may not contain "."
+    return name.replace(".", "__")
+
+
+def _decode(name: str) -> str:
+    return name.replace("__", ".")
+
+
+class MetaLearner(nn.Module):
+    """A meta-learning method: model + adapted subset + update rule + meta-gradient + schedule.
+
+    Args:
+        model: any ``nn.Module``; its parameters are the meta-learned initialization.
+        loss_fn: ``loss_fn(predictions, targets) -> scalar`` used for both support and query sets.
+        adapt: which parameters adapt: ``"all"`` (MAML), ``"head"`` (ANIL) or name patterns.
+        rule: an :class:`~metagrad.rules.UpdateRule` or a registered name (``"sgd"``,
+            ``"meta-sgd"``); a name is built with ``lr``.
+        lr: inner learning rate used when ``rule`` is given by name.
+        meta_gradient: a :class:`~metagrad.gradients.MetaGradient` or a registered name
+            (``"unrolled"``, ``"first-order"``, ``"reptile"``).
+        schedule: a :class:`~metagrad.Schedule` (default: one step at train and test time).
+        metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` reported by
+            :meth:`evaluate` (e.g. :func:`metagrad.metrics.accuracy`).
+        vectorize: run a meta-batch under ``torch.func.vmap`` (default) or a per-task loop.
+
+    The learnable state of the rule is registered as parameters under ``rule_state``, so
+    ``torch.optim.Adam(learner.parameters())`` meta-trains both the initialization and the rule.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        adapt: AdaptSpec = "all",
+        rule: UpdateRule | str = "sgd",
+        lr: float = 0.1,
+        meta_gradient: MetaGradient | str = "unrolled",
+        schedule: Schedule | None = None,
+        metric_fn: LossFn | None = None,
+        vectorize: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.metric_fn = metric_fn
+        self.adapted_names = select_adapted(model, adapt)
+        self.rule = make_rule(rule, lr=lr) if isinstance(rule, str) else rule
+        if not isinstance(self.rule, UpdateRule):
+            raise TypeError(f"rule must be an UpdateRule or a rule name, got {type(rule).__name__}")
+        self.meta_gradient = make_meta_gradient(meta_gradient) if isinstance(meta_gradient, str) else meta_gradient
+        if not isinstance(self.meta_gradient, MetaGradient):
+            raise TypeError(f"meta_gradient must be a MetaGradient or a name, got {type(meta_gradient).__name__}")
+        self.schedule = Schedule() if schedule is None else schedule
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        self.vectorize = bool(vectorize)
+        params = dict(model.named_parameters())
+        init = self.rule.init({n: params[n].detach() for n in self.adapted_names})
+        self.rule_state = nn.ParameterDict({_encode(k): nn.Parameter(v.clone()) for k, v in init.items()})
+
+    # ------------------------------------------------------------------ parameters
+    def meta_parameters(self) -> dict[str, dict[str, Tensor]]:
+        """The meta-parameters as a nested dict ``{"model": {...}, "rule": {...}}`` (live tensors)."""
+        return {
+            "model": dict(self.model.named_parameters()),
+            "rule": {_decode(k): v for k, v in self.rule_state.items()},
+        }
+
+    def _detached_meta_parameters(self):
+        return {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta_parameters().items()}
+
+    def _split(self, meta_params):
+        """(adapted, fixed) parameter dicts; ``fixed`` includes the model's buffers."""
+        model_p = meta_params["model"]
+        adapted = {n: model_p[n] for n in self.adapted_names}
+        fixed = {n: v for n, v in model_p.items() if n not in adapted}
+        fixed.update(self.model.named_buffers())
+        return adapted, fixed
+
+    def functional_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """``model(x)`` evaluated with ``params`` (any subset; the rest come from the model)."""
+        return functional_call(self.model, dict(params), (x,))
+
+    # ------------------------------------------------------------------ pure core
+    def _inner_loop(self, meta_params, x, y, steps: int, *, first_order: bool, keep_trajectory: bool = False):
+        """Adapt one task. Returns (trajectory of adapted dicts, support loss before each step [steps]).
+
+        Without ``keep_trajectory`` the trajectory holds only the initial and the final dict.
+        """
+        adapted, fixed = self._split(meta_params)
+        state = meta_params["rule"]
+
+        def support_loss(ad):
+            return self.loss_fn(functional_call(self.model, {**fixed, **ad}, (x,)), y)
+
+        trajectory = [adapted]
+        losses = []
+        for _ in range(steps):
+            grads, loss = grad_and_value(support_loss)(adapted)
+            if first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
+            adapted, state = self.rule.step(adapted, grads, state)
+            losses.append(loss.detach())
+            if keep_trajectory:
+                trajectory.append(adapted)
+        if not keep_trajectory and steps:
+            trajectory.append(adapted)
+        inner = torch.stack(losses) if losses else x.new_zeros(0)
+        return trajectory, inner
+
+    def _query_loss(self, meta_params, adapted, qx, qy) -> Tensor:
+        _, fixed = self._split(meta_params)
+        return self.loss_fn(functional_call(self.model, {**fixed, **adapted}, (qx,)), qy)
+
+    def _task_objective(self, meta_params, sx, sy, qx, qy):
+        return self.meta_gradient.task_objective(self, meta_params, sx, sy, qx, qy)
+
+    def _map_tasks(self, fn, meta_params, batch: TaskBatch, vectorize: bool):
+        """Apply ``fn(meta_params, sx, sy, qx, qy)`` to every task; outputs stacked on dim 0."""
+        if vectorize:
+            return vmap(fn, in_dims=_TASK_DIMS)(meta_params, *batch)
+        outs = [fn(meta_params, *(t[i] for t in batch)) for i in range(batch.num_tasks)]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+    def _batch_objective(self, meta_params, batch: TaskBatch, vectorize: bool):
+        objective, aux = self._map_tasks(self._task_objective, meta_params, batch, vectorize)
+        return objective.mean(), aux
+
+    # ------------------------------------------------------------------ public API
+    def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
+        """Adapt to one task's support set; returns the full adapted parameter dict.
+
+        Differentiable with respect to the meta-parameters (second order). ``steps`` defaults
+        to the schedule's test steps.
+        """
+        batch = TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]).validate()
+        steps = self.schedule.eval_steps if steps is None else steps
+        meta_params = self.meta_parameters()
+        traj, inner = self._inner_loop(meta_params, batch.support_x[0], batch.support_y[0], steps, first_order=False)
+        _check_finite(inner[None], "inner")
+        _, fixed = self._split(meta_params)
+        return {**fixed, **traj[-1]}
+
+    def meta_gradient_of(self, batch: TaskBatch, *, vectorize: bool | None = None):
+        """The meta-gradient averaged over the tasks of ``batch``.
+
+        Returns ``(grads, stats)``: ``grads`` mirrors :meth:`meta_parameters`; ``stats`` holds
+        ``meta_objective`` (scalar), ``query_loss`` ``[tasks]`` and ``inner_loss``
+        ``[tasks, steps]``. Raises ``ValueError`` naming the step and task of a non-finite inner
+        loss.
+        """
+        batch = _as_batch(batch)
+        vectorize = self.vectorize if vectorize is None else vectorize
+        meta_params = self._detached_meta_parameters()
+        grads, (objective, aux) = grad_and_value(self._batch_objective, has_aux=True)(meta_params, batch, vectorize)
+        _check_finite(aux["inner_loss"], "inner")
+        _check_finite(aux["query_loss"][:, None], "query")
+        return grads, {"meta_objective": objective.detach(), **aux}
+
+    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer, *, vectorize: bool | None = None):
+        """One outer update: set ``.grad`` of every meta-parameter from :meth:`meta_gradient_of`
+        and call ``optimizer.step()``. Returns the stats of :meth:`meta_gradient_of`."""
+        grads, stats = self.meta_gradient_of(batch, vectorize=vectorize)
+        live = self.meta_parameters()
+        for group, tensors in live.items():
+            for name, p in tensors.items():
+                p.grad = grads[group][name].detach().clone()
+        optimizer.step()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch, *, steps: int | None = None, vectorize: bool | None = None) -> dict[str, Tensor]:
+        """Adapt to each task's support set and score its query set after 0..steps inner steps.
+
+        Returns ``{"loss": [tasks, steps + 1]}`` plus ``"metric"`` of the same shape when the
+        learner has a ``metric_fn``. Column ``k`` is the value after ``k`` steps.
+        """
+        batch = _as_batch(batch)
+        steps = self.schedule.eval_steps if steps is None else steps
+        vectorize = self.vectorize if vectorize is None else vectorize
+
+        def task_eval(meta_params, sx, sy, qx, qy):
+            traj, inner = self._inner_loop(meta_params, sx, sy, steps, first_order=True, keep_trajectory=True)
+            _, fixed = self._split(meta_params)
+            preds = [functional_call(self.model, {**fixed, **u}, (qx,)) for u in traj]
+            out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": inner}
+            if self.metric_fn is not None:
+                out["metric"] = torch.stack([self.metric_fn(p, qy) for p in preds])
+            return out
+
+        out = self._map_tasks(task_eval, self._detached_meta_parameters(), batch, vectorize)
+        _check_finite(out.pop("inner_loss"), "inner")
+        return out
+
+    def clone(self) -> "TaskModel":
+        """A learn2learn-style task copy whose parameters stay connected to the meta-parameters.
+
+        ``task = learner.clone(); task.adapt(loss_fn(task(sx), sy)); loss_fn(task(qx), qy).backward()``
+        accumulates the meta-gradient (second order, or first order when the learner's
+        meta-gradient is first-order) into ``.grad`` of this learner's parameters.
+        """
+        return TaskModel(self)
+
+
+class TaskModel:
+    """A task-specific copy made by :meth:`MetaLearner.clone` (learn2learn-shaped object API)."""
+
+    def __init__(self, learner: MetaLearner):
+        self._learner = learner
+        meta_params = learner.meta_parameters()
+        self.params = dict(meta_params["model"])
+        self.params.update(learner.model.named_buffers())
+        self.state = meta_params["rule"]
+        self.steps_taken = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return functional_call(self._learner.model, self.params, (x,))
+
+    def adapt(self, loss: Tensor, *, first_order: bool | None = None) -> "TaskModel":
+        """One inner step of the learner's update rule on ``loss`` (in place on this copy)."""
+        learner = self._learner
+        if first_order is None:
+            first_order = learner.meta_gradient.first_order
+        if not torch.isfinite(loss.detach()).all():
+            raise ValueError(f"non-finite inner loss {loss.item()} at step {self.steps_taken}")
+        names = learner.adapted_names
+        grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
+        grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
+        new, self.state = learner.rule.step({n: self.params[n] for n in names}, grads, self.state)
+        self.params.update(new)
+        self.steps_taken += 1
+        return self
+
+    def parameters(self):
+        return iter(self.params.values())
+
+
+def _as_batch(batch) -> TaskBatch:
+    if not isinstance(batch, TaskBatch):
+        if isinstance(batch, (tuple, list)) and len(batch) == 4:
+            batch = TaskBatch(*batch)
+        else:
+            raise TypeError(f"expected a TaskBatch (support_x, support_y, query_x, query_y), got {type(batch).__name__}")
+    return batch.validate()
+
+
+def _check_finite(losses: Tensor, which: str) -> None:
+    """Raise ``ValueError`` naming the first (task, step) whose loss is not finite."""
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        task, step = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"non-finite {which} loss {losses[task, step].item()} at step {step} of task {task} "
+            f"(try a smaller inner learning rate)"
+        )

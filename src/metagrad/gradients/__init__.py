@@ -1,0 +1,18 @@
+"""Meta-gradients: how d(query loss)/d(initialization) is computed. ``make_meta_gradient(name)``."""
+from .._registry import Registry
+from .base import MetaGradient
+from .reptile import Reptile
+from .unrolled import FirstOrder, Unrolled
+
+META_GRADIENTS: Registry[MetaGradient] = Registry("meta-gradient")
+META_GRADIENTS.register("unrolled", Unrolled)
+META_GRADIENTS.register("first-order", FirstOrder)
+META_GRADIENTS.register("reptile", Reptile)
+
+
+def make_meta_gradient(name: str, **kwargs) -> MetaGradient:
+    """Build a registered meta-gradient by name (``"unrolled"``, ``"first-order"``, ``"reptile"``)."""
+    return META_GRADIENTS.make(name, **kwargs)
+
+
+__all__ = ["MetaGradient", "Unrolled", "FirstOrder", "Reptile", "META_GRADIENTS", "make_meta_gradient"]

@@ -1,0 +1,39 @@
+"""Losses and metrics for task-level evaluation, plus confidence intervals."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error."""
+    return F.mse_loss(pred, target)
+
+
+def half_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """``1/2`` mean squared error: the loss scaling of Arnold et al. (2021) suppl. eq. (30)."""
+    return 0.5 * F.mse_loss(pred, target)
+
+
+def accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Multi-class accuracy of ``logits [n, classes]`` against integer labels ``[n]``."""
+    return (logits.argmax(-1) == target).to(logits.dtype).mean()
+
+
+def binary_accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """Accuracy of a single-logit binary classifier (``logit > 0`` predicts 1) against 0/1 targets."""
+    return ((logits > 0).to(target.dtype) == target).to(logits.dtype).mean()
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation 95% confidence interval."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    mean = v.mean().item()
+    if v.numel() == 1:
+        return mean, float("nan")
+    return mean, 1.96 * v.std(unbiased=True).item() / math.sqrt(v.numel())

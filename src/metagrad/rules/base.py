@@ -1,0 +1,40 @@
+"""The update-rule protocol: how an inner-loop gradient becomes a parameter step.
+
+An update rule is a pair of pure functions in the style of optax:
+
+* ``init(params) -> state``: the rule's *learnable* state (a flat dict of tensors, possibly empty),
+  created once from the adapted parameters. The state is meta-trained: the meta-gradient reaches it.
+* ``step(params, grads, state) -> (new_params, new_state)``: one out-of-place inner-loop update.
+  Rules whose state also adapts in the inner loop (e.g. Meta-KFO) return an updated state; the
+  others return ``state`` unchanged.
+
+``params``, ``grads`` and the returned dict share keys: the names of the adapted parameters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from torch import Tensor
+
+Params = Mapping[str, Tensor]
+
+
+class UpdateRule:
+    """Base class of inner-loop update rules (see the module docstring)."""
+
+    def init(self, params: Params) -> dict[str, Tensor]:
+        return {}
+
+    def step(self, params: Params, grads: Params, state: Params) -> tuple[dict[str, Tensor], Params]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _check_rate(lr: float, name: str = "lr") -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {lr!r}")
+    return float(lr)
