@@ -1,0 +1,60 @@
+"""The ``metagrad`` command line: ``list``, ``run``, ``eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .experiments import EXPERIMENTS, evaluate_run, get_experiment, run
+from ._io import read_json
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metagrad", description="Gradient-based meta-learning experiments.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments")
+    r = sub.add_parser("run", help="run (or resume) an experiment")
+    r.add_argument("name", help="experiment name (see `metagrad list`)")
+    r.add_argument("--out", required=True, type=Path, help="run directory")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, JSON value); repeatable")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    e = sub.add_parser("eval", help="re-evaluate a finished run on fresh held-out tasks")
+    e.add_argument("dir", type=Path, help="run directory")
+    e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            width = max(len(n) for n in EXPERIMENTS.names())
+            for name in EXPERIMENTS.names():
+                print(f"{name:<{width}}  {get_experiment(name).description}")
+            return 0
+        if args.command == "run":
+            summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
+                          progress=not args.no_progress)
+            print(json.dumps(summary, indent=2))
+            print(f"results in {args.out}", file=sys.stderr)
+            return 0
+        if args.command == "eval":
+            cfg_path = args.dir / "config.json"
+            if not cfg_path.exists():
+                raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
+            if args.tasks is not None and args.tasks < 1:
+                raise ValueError(f"--tasks must be a positive integer, got {args.tasks}")
+            experiment = get_experiment(read_json(cfg_path)["experiment"])
+            print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks), indent=2))
+            return 0
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
+        print(f"metagrad: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

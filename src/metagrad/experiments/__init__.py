@@ -1,0 +1,19 @@
+"""Experiments reproducing the papers' results; ``metagrad list`` shows them."""
+from __future__ import annotations
+
+from .._registry import Registry
+from .base import Experiment, Variant, evaluate_run, run
+from .linreg_depth import LinregDepth
+from .sinusoid import SinusoidExperiment
+
+EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+for _cls in (LinregDepth, SinusoidExperiment):
+    EXPERIMENTS.register(_cls.name, _cls)
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment registered under ``name`` (``ValueError`` listing the valid names)."""
+    return EXPERIMENTS.make(name)
+
+
+__all__ = ["Experiment", "Variant", "EXPERIMENTS", "get_experiment", "run", "evaluate_run"]

@@ -1,0 +1,122 @@
+"""The experiment protocol and the generic runner behind ``metagrad run`` / ``metagrad eval``.
+
+An experiment owns its default config (and a ``quick`` variant), builds one or more *variants*
+(a learner plus task families plus a training config), and turns the variants' summaries into its
+report (``summary.json``, a table, plots). Each variant trains in its own sub-folder of the run
+directory, with its own checkpoint, so a run can be resumed variant by variant.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .._io import read_json, write_json
+from ..config import apply_overrides, _split_override
+from ..core import MetaLearner
+from ..train import CHECKPOINT, evaluate_tasks, fit, load_checkpoint
+
+
+@dataclass
+class Variant:
+    """One thing to train: a learner, its task families and its training config."""
+
+    learner: MetaLearner
+    train_family: Any
+    eval_family: Any
+    train: dict = field(default_factory=dict)
+
+
+class Experiment:
+    """Base class. Subclasses set ``name``/``description`` and implement the hooks below."""
+
+    name: str = ""
+    description: str = ""
+
+    def default_config(self) -> dict:
+        """The full default config; must contain ``quick`` (bool) and ``seed`` (int)."""
+        raise NotImplementedError
+
+    def quick_config(self) -> dict:
+        """Dotted overrides applied when ``quick=true`` (under a minute on 2 CPU cores)."""
+        return {}
+
+    def variants(self, config: dict) -> dict[str, Callable[[], Variant]]:
+        """Named builders of the variants; each is called right after seeding torch."""
+        raise NotImplementedError
+
+    def report(self, config: dict, results: dict[str, dict], out_dir: Path) -> dict:
+        """Make the experiment's summary (returned, written as summary.json) and plots."""
+        return {name: res for name, res in results.items()}
+
+    # ------------------------------------------------------------------
+    def resolve(self, overrides=()) -> dict:
+        """Defaults, then the quick settings if ``quick=true`` is asked for, then the overrides."""
+        pairs = [_split_override(o) if isinstance(o, str) else o for o in overrides]
+        config = apply_overrides(self.default_config(), dict(pairs))
+        if config.get("quick"):
+            config = apply_overrides(apply_overrides(config, self.quick_config()), dict(pairs))
+        config["experiment"] = self.name
+        return config
+
+
+def build_variant(experiment: Experiment, config: dict, name: str) -> Variant:
+    builders = experiment.variants(config)
+    torch.manual_seed(config["seed"])
+    return builders[name]()
+
+
+def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
+        progress: bool = True) -> dict:
+    """Run (or resume) an experiment into ``out_dir``; returns its summary."""
+    out_dir = Path(out_dir)
+    cfg_path = out_dir / "config.json"
+    if resume:
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
+        if overrides:
+            raise ValueError("--set cannot be combined with --resume: the run's config.json is used as is")
+        config = read_json(cfg_path)
+        if config.get("experiment") != experiment.name:
+            raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
+    else:
+        config = experiment.resolve(overrides)
+        if cfg_path.exists():
+            raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg_path, config)
+    results = {}
+    for name in experiment.variants(config):
+        variant = build_variant(experiment, config, name)
+        results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
+                            out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}")
+    summary = experiment.report(config, results, out_dir)
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None) -> dict:
+    """Re-evaluate every variant of a finished run from its checkpoint (fresh held-out tasks)."""
+    out_dir = Path(out_dir)
+    config = read_json(out_dir / "config.json")
+    results = {}
+    for name in experiment.variants(config):
+        variant = build_variant(experiment, config, name)
+        ckpt = out_dir / name / CHECKPOINT
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt} does not exist: the variant {name!r} has not been trained")
+        state = load_checkpoint(ckpt)
+        variant.learner.load_state_dict(state["learner"])
+        cfg = {**state["config"]}
+        results[name] = evaluate_tasks(variant.learner, variant.eval_family, tasks or cfg["eval_tasks"],
+                                       seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"])
+        results[name]["iteration"] = state["iteration"]
+    write_json(out_dir / "eval.json", results)
+    return results
+
+
+def copy_config(config: dict) -> dict:
+    return copy.deepcopy(config)

@@ -1,0 +1,221 @@
+"""Meta-training and evaluation loop with run directories, checkpoints and resume.
+
+A run directory holds::
+
+    config.json      the resolved training config
+    metrics.jsonl    one JSON record per logged iteration (train stats, periodic validation)
+    metrics.csv      the same records as a table
+    checkpoint.pt    learner + optimizer + task-generator state + metrics (written atomically)
+    summary.json     held-out evaluation: mean and 95% CI of loss/metric after each inner step
+
+Resuming from ``checkpoint.pt`` continues the same run: on the same machine and seed the final
+parameters and metrics are bitwise those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._io import atomic_open, write_json
+from .core import MetaLearner
+from .metrics import mean_ci95
+from .tasks import TaskBatch
+
+#: defaults of every training config; experiments override what they need.
+DEFAULT_TRAIN: dict[str, Any] = {
+    "iterations": 1000,
+    "meta_batch_size": 25,
+    "optimizer": "adam",
+    "meta_lr": 1e-3,
+    "momentum": 0.0,
+    "log_every": 10,
+    "eval_every": 100,
+    "val_tasks": 200,
+    "eval_tasks": 1000,
+    "eval_batch": 500,
+    "checkpoint_every": 200,
+    "seed": 0,
+}
+
+OPTIMIZERS = ("adam", "sgd")
+CHECKPOINT = "checkpoint.pt"
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    """Adam or SGD (with momentum) over ``params`` from a training config."""
+    name = cfg["optimizer"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["meta_lr"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg["meta_lr"], momentum=cfg["momentum"])
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _validate(cfg: dict) -> dict:
+    unknown = set(cfg) - set(DEFAULT_TRAIN)
+    if unknown:
+        raise ValueError(f"unknown training keys {sorted(unknown)}; valid: {', '.join(DEFAULT_TRAIN)}")
+    cfg = {**DEFAULT_TRAIN, **cfg}
+    for key in ("iterations", "meta_batch_size", "log_every", "eval_every", "val_tasks", "eval_tasks",
+                "eval_batch", "checkpoint_every"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "iterations" else 1):
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    if not cfg["meta_lr"] > 0:
+        raise ValueError(f"meta_lr must be positive, got {cfg['meta_lr']!r}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; valid: {', '.join(OPTIMIZERS)}")
+    return cfg
+
+
+def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, batch: int = 500,
+                   steps: int | None = None) -> dict:
+    """Evaluate on ``num_tasks`` tasks drawn from ``family`` with a fixed seed.
+
+    Returns ``{"loss": {"mean", "ci95", "by_step"}, "metric": {...}}`` where the mean and CI are
+    after the final inner step and ``by_step`` lists the mean after 0..steps steps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    chunks: dict[str, list[torch.Tensor]] = {}
+    done = 0
+    while done < num_tasks:
+        n = min(batch, num_tasks - done)
+        out = learner.evaluate(family.sample(n, generator=gen), steps=steps)
+        for k, v in out.items():
+            chunks.setdefault(k, []).append(v)
+        done += n
+    result = {}
+    for k, parts in chunks.items():
+        values = torch.cat(parts)  # [tasks, steps + 1]
+        mean, ci = mean_ci95(values[:, -1])
+        result[k] = {"mean": mean, "ci95": ci, "by_step": values.double().mean(0).tolist()}
+    result["tasks"] = num_tasks
+    return result
+
+
+def _records_to_csv(records: list[dict]) -> str:
+    columns: list[str] = []
+    for r in records:
+        columns.extend(k for k in r if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def _write_metrics(run_dir: Path, records: list[dict]) -> None:
+    with atomic_open(run_dir / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with atomic_open(run_dir / "metrics.csv", "w") as f:
+        f.write(_records_to_csv(records))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary sibling, then rename: a crash leaves the old file intact."""
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
+        resume: bool = False, progress: bool = True, desc: str | None = None) -> dict:
+    """Meta-train ``learner`` on tasks from ``train_family``; evaluate on ``eval_family``.
+
+    Args:
+        learner: the :class:`~metagrad.MetaLearner` to train (modified in place).
+        train_family / eval_family: objects with ``sample(n, generator=...) -> TaskBatch``;
+            validation during training and the final evaluation use ``eval_family`` with seeds
+            derived from ``cfg["seed"]``, so they are fixed held-out tasks.
+        cfg: training config (keys of :data:`DEFAULT_TRAIN`; missing keys take the defaults).
+        run_dir: output folder (created). Holding a checkpoint already, it is resumed when
+            ``resume`` is true and refused otherwise.
+        resume: continue from ``run_dir/checkpoint.pt`` (a fresh start if there is none yet).
+
+    Returns the summary also written to ``run_dir/summary.json``.
+    """
+    cfg = _validate(dict(cfg))
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg)
+
+    optimizer = make_optimizer(learner.parameters(), cfg)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    val_gen = torch.Generator().manual_seed(cfg["seed"] + 10_007)
+    val_batch: TaskBatch = eval_family.sample(cfg["val_tasks"], generator=val_gen)
+    records: list[dict] = []
+    start = 0
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        learner.load_state_dict(state["learner"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        records = state["metrics"]
+        start = state["iteration"]
+    _write_metrics(run_dir, records)
+
+    def validate(iteration: int) -> dict:
+        out = learner.evaluate(val_batch)
+        rec = {"iteration": iteration, "val_loss": out["loss"][:, -1].mean().item()}
+        if "metric" in out:
+            rec["val_metric"] = out["metric"][:, -1].mean().item()
+        return rec
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "iteration": iteration,
+            "learner": learner.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(),
+            "metrics": records,
+            "config": cfg,
+        })
+        _write_metrics(run_dir, records)
+
+    if start == 0:
+        records.append(validate(0))
+    log = open(run_dir / "metrics.jsonl", "a")
+    try:
+        bar = tqdm(range(start, cfg["iterations"]), initial=start, total=cfg["iterations"],
+                   desc=desc or run_dir.name, disable=not progress, leave=False, dynamic_ncols=True)
+        for i in bar:
+            it = i + 1
+            stats = learner.meta_step(train_family.sample(cfg["meta_batch_size"], generator=gen), optimizer)
+            new = []
+            if it % cfg["log_every"] == 0 or it == cfg["iterations"]:
+                new.append({"iteration": it, "meta_objective": stats["meta_objective"].item(),
+                            "query_loss": stats["query_loss"].mean().item()})
+                bar.set_postfix(query_loss=f"{new[-1]['query_loss']:.4g}", refresh=False)
+            if it % cfg["eval_every"] == 0 or it == cfg["iterations"]:
+                new.append(validate(it))
+            for rec in new:
+                records.append(rec)
+                log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if it % cfg["checkpoint_every"] == 0 or it == cfg["iterations"]:
+                log.close()
+                checkpoint(it)
+                log = open(run_dir / "metrics.jsonl", "a")
+        bar.close()
+    finally:
+        log.close()
+    if start >= cfg["iterations"] and not ckpt_path.exists():
+        checkpoint(cfg["iterations"])
+
+    summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
+                             batch=cfg["eval_batch"])
+    summary["iterations"] = cfg["iterations"]
+    write_json(run_dir / "summary.json", summary)
+    return summary
