@@ -4,10 +4,11 @@ from __future__ import annotations
 from .._registry import Registry
 from .base import Experiment, Variant, evaluate_run, run
 from .linreg_depth import LinregDepth
+from .logreg_depth import LogregDepth
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (LinregDepth, SinusoidExperiment):
+for _cls in (LinregDepth, LogregDepth, SinusoidExperiment):
     EXPERIMENTS.register(_cls.name, _cls)
 
 
