@@ -1,0 +1,70 @@
+"""The command line and config overrides, as a user runs them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metagrad.cli import main
+from metagrad.config import apply_overrides
+
+FAST = ["--set", "train.iterations=30", "--set", "train.eval_every=10", "--set", "train.val_tasks=20",
+        "--set", "train.eval_tasks=40", "--no-progress"]
+
+
+def test_list_names_every_experiment(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("linreg-depth", "logreg-depth", "sinusoid"):
+        assert name in out
+    assert all(len(line.split(None, 1)) == 2 for line in out.strip().splitlines())
+
+
+def test_run_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "linreg-depth", "--out", str(out), "--set", "quick=true", *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["shallow"]) >= {"post_adapt_mse", "post_adapt_mse_ci95"}
+    assert "post_adapt_mse" in summary["deep"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"] == "linreg-depth" and config["quick"] is True
+    assert config["train"]["iterations"] == 30  # the user's override wins over quick's
+    assert (out / "linreg_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for variant in ("shallow", "deep"):
+        assert (out / variant / "checkpoint.pt").exists() and (out / variant / "metrics.csv").exists()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tasks", "50"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["deep"]["tasks"] == 50 and result["deep"]["iteration"] == 30
+    assert json.loads((out / "eval.json").read_text()) == result
+    # a second run into the same folder is refused rather than overwriting it
+    assert main(["run", "linreg-depth", "--out", str(out), *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope", "--out", "X"], "linreg-depth, logreg-depth, sinusoid"),
+    (["run", "linreg-depth", "--out", "X", "--set", "train.iterationz=3"], "train.iterationz"),
+    (["run", "linreg-depth", "--out", "X", "--set", "inner_lr=fast"], "inner_lr"),
+    (["run", "linreg-depth", "--out", "X", "--set", "noequals"], "key=value"),
+    (["run", "linreg-depth", "--out", "X", "--resume"], "nothing to resume"),
+    (["eval", "X"], "not a metagrad run directory"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "X").exists()  # nothing half-written
+
+
+def test_overrides_parse_and_type_check():
+    cfg = {"a": 1, "b": {"c": 0.5, "d": "x", "e": True, "f": [1, 2]}}
+    out = apply_overrides(cfg, ["a=3", "b.c=2", "b.d=hello", "b.e=false", "b.f=[3]"])
+    assert out == {"a": 3, "b": {"c": 2.0, "d": "hello", "e": False, "f": [3]}}
+    assert cfg["a"] == 1  # the input is not modified
+    with pytest.raises(ValueError, match="integer"):
+        apply_overrides(cfg, ["a=1.5"])
+    with pytest.raises(ValueError, match="valid keys: a, b.c"):
+        apply_overrides(cfg, ["b.zz=1"])
+    with pytest.raises(ValueError, match="unknown config key 'b'"):
+        apply_overrides(cfg, ["b=1"])

@@ -1,0 +1,118 @@
+"""Training loop: checkpoints, atomic writes, resume after a kill (bitwise), run directories."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import metagrad as mg
+from metagrad import train as train_mod
+from metagrad.metrics import mse
+from metagrad.models import linear_chain
+
+ARGS = ["--set", "train.iterations=1500", "--set", "train.checkpoint_every=20", "--set", "train.eval_every=100",
+        "--set", "train.val_tasks=100", "--set", "train.eval_tasks=300", "--no-progress"]
+
+
+def _cli(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "metagrad.cli", "run", "linreg-depth", "--out", str(out), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _state(run: Path, variant: str):
+    return train_mod.load_checkpoint(run / variant / "checkpoint.pt")
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    proc = _cli(killed, *ARGS)
+    ckpt = killed / "deep" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stopped_at = _state(killed, "deep")["iteration"]
+    assert 0 < stopped_at < 1500
+    assert not (killed / "summary.json").exists()
+
+    resumed = _cli(killed, "--resume", "--no-progress")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    whole = _cli(ref, *ARGS)
+    assert whole.wait(timeout=300) == 0, whole.stderr.read().decode()
+
+    for variant in ("shallow", "deep"):
+        a, b = _state(ref, variant), _state(killed, variant)
+        assert a["iteration"] == b["iteration"] == 1500
+        for k in a["learner"]:
+            assert torch.equal(a["learner"][k], b["learner"][k]), k
+        assert (ref / variant / "metrics.jsonl").read_text() == (killed / variant / "metrics.jsonl").read_text()
+        assert (ref / variant / "metrics.csv").read_text() == (killed / variant / "metrics.csv").read_text()
+    assert json.loads((ref / "summary.json").read_text()) == json.loads((killed / "summary.json").read_text())
+
+
+def _tiny_fit(run_dir, **train):
+    torch.manual_seed(0)
+    learner = mg.MetaLearner(linear_chain([1, 1]), mse, lr=0.1, metric_fn=mse)
+    fam = mg.LinearRegression1D(shots=5, queries=5)
+    cfg = {"iterations": 10, "meta_batch_size": 4, "checkpoint_every": 5, "eval_every": 5, "val_tasks": 8,
+           "eval_tasks": 16, "optimizer": "sgd", "meta_lr": 0.01, **train}
+    return learner, mg.train.fit(learner, fam, fam, cfg, run_dir, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    learner, _ = _tiny_fit(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(train_mod.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.save_checkpoint(path, {"iteration": 99})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert train_mod.load_checkpoint(path)["iteration"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_run_directory_contents(tmp_path):
+    learner, summary = _tiny_fit(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "summary.json"} <= names
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "val_loss" in r] == [0, 5, 10]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "iteration" and "val_loss" in header and "query_loss" in header
+    assert json.loads((tmp_path / "config.json").read_text())["iterations"] == 10
+    # the summary's CI is the normal-approximation 95% CI over the evaluation tasks
+    assert summary["tasks"] == 16 and summary["metric"]["ci95"] > 0
+    with pytest.raises(FileExistsError):
+        _tiny_fit(tmp_path)
+
+
+def test_fit_rejects_bad_training_config(tmp_path):
+    with pytest.raises(ValueError, match="iterationz"):
+        _tiny_fit(tmp_path / "a", iterationz=3)
+    with pytest.raises(ValueError, match="rmsprop"):
+        _tiny_fit(tmp_path / "b", optimizer="rmsprop")
+    with pytest.raises(ValueError, match="meta_batch_size"):
+        _tiny_fit(tmp_path / "c", meta_batch_size=0)
+
+
+def test_mean_ci95_matches_formula():
+    vals = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
+    mean, ci = mg.metrics.mean_ci95(vals)
+    assert mean == pytest.approx(3.5)
+    assert ci == pytest.approx(1.96 * vals.std().item() / 2.0)
