@@ -194,7 +194,10 @@ class MetaLearner(nn.Module):
         meta_params = self._detached_meta_parameters()
         grads, (objective, aux) = grad_and_value(self._batch_objective, has_aux=True)(meta_params, batch, vectorize)
         _check_finite(aux["inner_loss"], "inner")
-        _check_finite(aux["query_loss"][:, None], "query")
+        bad = ~torch.isfinite(aux["query_loss"])
+        if bad.any():
+            task = int(bad.nonzero()[0])
+            raise ValueError(f"non-finite query loss {aux['query_loss'][task].item()} after adaptation of task {task}")
         return grads, {"meta_objective": objective.detach(), **aux}
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer, *, vectorize: bool | None = None):

@@ -31,8 +31,11 @@ class SinusoidExperiment(Experiment):
             "inner_lr": 0.01,
             "train_steps": 1,
             "test_steps": 10,
+            "adapt": "all",
             "rule": "sgd",
             "meta_gradient": "unrolled",
+            "per_step_loss": False,
+            "vectorize": True,
             "train": {
                 "iterations": 10000, "meta_batch_size": 25, "optimizer": "adam", "meta_lr": 1e-3,
                 "log_every": 50, "eval_every": 250, "val_tasks": 200, "eval_tasks": 1000,
@@ -47,9 +50,10 @@ class SinusoidExperiment(Experiment):
         def build(shots):
             def make():
                 learner = MetaLearner(
-                    MLP(1, config["hidden"], 1), mse, rule=config["rule"], lr=config["inner_lr"],
-                    meta_gradient=config["meta_gradient"],
-                    schedule=Schedule(config["train_steps"], config["test_steps"]), metric_fn=mse,
+                    MLP(1, config["hidden"], 1), mse, adapt=config["adapt"], rule=config["rule"],
+                    lr=config["inner_lr"], meta_gradient=config["meta_gradient"],
+                    schedule=Schedule(config["train_steps"], config["test_steps"], per_step_loss=config["per_step_loss"]),
+                    metric_fn=mse, vectorize=config["vectorize"],
                 )
                 family = Sinusoid(shots=shots, queries=config["queries"])
                 return Variant(learner, family, family, {**config["train"], "seed": config["seed"]})
