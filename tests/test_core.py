@@ -517,8 +517,6 @@ def test_wrong_types_raise_type_error():
         assert torch.equal(g1["model"][n], g2["model"][n])
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a non-numeric lr raises ValueError, not TypeError "
-                                       "(rules/base.py _check_rate treats wrong types as bad values)")
 def test_non_numeric_lr_raises_type_error():
     with pytest.raises(TypeError):
         SGD("0.1")
@@ -588,10 +586,6 @@ def test_non_finite_query_loss_names_task():
         learner.meta_gradient_of(TaskBatch(b.support_x, b.support_y, b.query_x, qy))
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="library bug: core._encode/_decode ('.' <-> '__') is not injective, so rule-state "
-                          "names of parameters whose names contain '__' or end a module name with '_' decode "
-                          "wrongly and MetaSGD.step raises KeyError")
 @pytest.mark.parametrize("module_name", ["fc_", "enc__1"])
 def test_meta_sgd_with_underscored_module_names(module_name):
     model = nn.Sequential()

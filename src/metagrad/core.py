@@ -33,12 +33,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 _TASK_DIMS = (None, 0, 0, 0, 0)  # meta_params shared, one task per slice of the batch
 
 
-def _encode(name: str) -> str:  # ParameterDict keys may not contain "."
-    return name.replace(".", "__")
+class _StateTree(nn.Module):
+    """Holds an update rule's learnable state as parameters under their dotted names.
 
+    A state entry ``"fc.weight"`` becomes parameter ``weight`` of submodule ``fc``, so
+    ``named_parameters()`` gives back exactly the rule's keys, in order, and ``state_dict`` keys
+    read ``rule_state.fc.weight``.
+    """
 
-def _decode(name: str) -> str:
-    return name.replace("__", ".")
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        super().__init__()
+        for name, value in tensors.items():
+            *path, leaf = name.split(".")
+            module: nn.Module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, nn.Module())
+                module = module._modules[part]
+            module.register_parameter(leaf, nn.Parameter(value.detach().clone()))
 
 
 class MetaLearner(nn.Module):
@@ -96,14 +108,14 @@ class MetaLearner(nn.Module):
         self.vectorize = bool(vectorize)
         params = dict(model.named_parameters())
         init = self.rule.init({n: params[n].detach() for n in self.adapted_names})
-        self.rule_state = nn.ParameterDict({_encode(k): nn.Parameter(v.clone()) for k, v in init.items()})
+        self.rule_state = _StateTree(init)
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> dict[str, dict[str, Tensor]]:
         """The meta-parameters as a nested dict ``{"model": {...}, "rule": {...}}`` (live tensors)."""
         return {
             "model": dict(self.model.named_parameters()),
-            "rule": {_decode(k): v for k, v in self.rule_state.items()},
+            "rule": dict(self.rule_state.named_parameters()),
         }
 
     def _detached_meta_parameters(self):

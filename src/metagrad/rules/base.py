@@ -35,6 +35,8 @@ class UpdateRule:
 
 
 def _check_rate(lr: float, name: str = "lr") -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(lr).__name__} {lr!r}")
+    if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {lr!r}")
     return float(lr)
