@@ -1,0 +1,1 @@
+"""Few-shot image data: readers, downloads, decoded cache and episodic sampling."""
