@@ -48,11 +48,13 @@ def _read_bytes(path: Path) -> bytes:
 
 def _header(data: bytes, path: Path, magic: int, ndim: int) -> list[int]:
     head = 4 + 4 * ndim
-    if len(data) < head:
+    if len(data) < 4:
         raise CorruptFileError(f"{path}: file too short for an IDX header ({len(data)} bytes)")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
         raise CorruptFileError(f"{path}: bad IDX magic number {found} (expected {magic})")
+    if len(data) < head:
+        raise CorruptFileError(f"{path}: file too short for an IDX header ({len(data)} bytes); truncated?")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = head + int(np.prod(dims))
     if len(data) != expected:
