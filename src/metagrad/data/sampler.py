@@ -168,21 +168,26 @@ class EpisodeSampler:
         items = self._table[rows.unsqueeze(-1), slots]
         return items, self.classes.to(dev)[rows]
 
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        scale = -self._scale if self.invert else self._scale
+        if x.dtype == torch.uint8 and self.dtype == torch.get_default_dtype():
+            y = torch.mul(x, scale)  # one fused pass: uint8 -> float, scaled
+        else:
+            y = x.to(self.dtype).mul_(scale)
+        return y.add_(1.0) if self.invert else y
+
     def sample(self, batch_size: int = 1) -> Episode:
         """Draw ``batch_size`` episodes; see :class:`Episode` for shapes and layout."""
         items, _ = self.sample_indices(batch_size)
         b, n, k, q = items.shape[0], self.ways, self.shots, self.queries
-        x = self.images.index_select(0, items.reshape(-1))  # much faster than advanced indexing on CPU
-        x = x.to(self.dtype).mul_(self._scale)
-        if self.invert:
-            x = x.neg_().add_(1.0)
-        x = x.reshape(b, n, k + q, *x.shape[1:])
-        shape = x.shape[3:]
-        support_x = x[:, :, :k].reshape(b, n * k, *shape)
-        query_x = x[:, :, k:].reshape(b, n * q, *shape)
-        support_y = self._support_y.expand(b, n * k)
-        query_y = self._query_y.expand(b, n * q)
-        return Episode(support_x, support_y.clone(), query_x, query_y.clone())
+        shape = self.images.shape[1:]
+        # index_select straight into the final [B, N*K] / [B, N*Q] layouts (no extra copies);
+        # it is also much faster than advanced indexing on CPU.
+        support_x = self._to_float(self.images.index_select(0, items[:, :, :k].reshape(-1)))
+        query_x = self._to_float(self.images.index_select(0, items[:, :, k:].reshape(-1)))
+        support_y = self._support_y.expand(b, n * k).clone()
+        query_y = self._query_y.expand(b, n * q).clone()
+        return Episode(support_x.view(b, n * k, *shape), support_y, query_x.view(b, n * q, *shape), query_y)
 
     def __iter__(self):
         """Infinite iterator of single-episode batches (``batch_size=1``)."""
