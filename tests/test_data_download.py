@@ -145,6 +145,17 @@ def test_html_body_with_binary_content_type_is_rejected(server, tmp_path):
     assert not (tmp_path / "f.zip").exists()
 
 
+def test_truncated_zip_without_md5_is_rejected(server, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a/b.txt", _blob(50_000, seed=9))
+    half = buf.getvalue()[: len(buf.getvalue()) // 2]  # server really only has half (no Content-Length lie)
+    server.files["/t.zip"] = (half, "ok")
+    with pytest.raises(DownloadError, match=r"t\.zip is not a valid zip archive"):
+        download_url(server.url + "/t.zip", tmp_path / "t.zip", backoff=0)
+    assert not (tmp_path / "t.zip").exists()
+
+
 def test_persistently_truncated_transfer_fails_clearly(server, tmp_path):
     body = _blob(seed=4)
     server.files["/g.bin"] = (body, "always-short")

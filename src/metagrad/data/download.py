@@ -16,6 +16,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -260,6 +261,22 @@ def _verify(path: Path, md5: str | None, size: int | None) -> str | None:
         digest = md5sum(path)
         if digest != md5.lower():
             return f"checksum mismatch for {path.name}: expected md5 {md5}, got {digest}"
+    return _archive_problem(path)
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Cheap structural check of archives by final name (matters when no md5 is known)."""
+    name = path.name[: -len(".part")] if path.name.endswith(".part") else path.name
+    if name.endswith(".zip"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{name} is not a valid zip archive (truncated download?): {e}"
+    elif name.endswith((".gz", ".tgz")):
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return f"{name} is not gzip data (truncated or wrong file?)"
     return None
 
 
