@@ -1,4 +1,5 @@
-"""Models: small MLPs and linear chains (conv backbones come with the image-data layer)."""
+"""Models: small MLPs and linear chains, the CNN(k) conv backbones and the Wormhole MNIST net."""
 from .basic import MLP, linear_chain
+from .conv import CNN, MNISTNet
 
-__all__ = ["MLP", "linear_chain"]
+__all__ = ["MLP", "linear_chain", "CNN", "MNISTNet"]

@@ -1,0 +1,120 @@
+"""CNN / MNISTNet: shapes, layout and torch.func (vmap + functional_call) equivalence."""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from metagrad.models import CNN, MNISTNet
+
+
+def _ref_size(size, k, downsample):
+    for _ in range(k):
+        if downsample == "stride":
+            size = (size + 2 - 3) // 2 + 1  # conv output formula, kernel 3, padding 1, stride 2
+        elif size > 1:
+            size = size // 2
+    return size
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("downsample", ["maxpool", "stride"])
+@pytest.mark.parametrize("image_size,in_ch,ch", [(28, 1, 64), (84, 3, 32)])
+def test_cnn_shapes(k, downsample, image_size, in_ch, ch):
+    m = CNN(k, 5, channels=ch, in_channels=in_ch, image_size=image_size, downsample=downsample)
+    x = torch.randn(3, in_ch, image_size, image_size)
+    feats = m.features(x)
+    s = _ref_size(image_size, k, downsample)
+    assert feats.shape == (3, ch, s, s)
+    assert m.feature_dim == ch * s * s
+    assert isinstance(m.head, nn.Linear) and m.head.in_features == ch * s * s and m.head.out_features == 5
+    assert m(x).shape == (3, 5)
+    assert list(m.buffers()) == []  # no running stats: pure function of params
+    convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
+    assert len(convs) == k and all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+
+
+def test_cnn_known_sizes():
+    assert CNN(4, 5).feature_dim == 64  # MAML Omniglot: 28 -> 14 -> 7 -> 3 -> 1
+    assert CNN(4, 5, channels=32, in_channels=3, image_size=84).feature_dim == 800  # 84 -> 5
+
+
+def test_cnn_forward_matches_manual():
+    torch.manual_seed(0)
+    m = CNN(2, 4, channels=8, image_size=8)
+    x = torch.randn(5, 1, 8, 8)
+    h = x
+    convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
+    bns = [l for l in m.features if isinstance(l, nn.BatchNorm2d)]
+    for conv, bn in zip(convs, bns):
+        h = torch.nn.functional.conv2d(h, conv.weight, conv.bias, padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = (h - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+        h = torch.nn.functional.max_pool2d(h.relu(), 2)
+    ref = h.flatten(1) @ m.head.weight.T + m.head.bias
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    m.eval()  # without running stats, eval mode also uses batch statistics
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def _task_params(model, tasks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.stack([p.detach() + 0.05 * torch.randn(p.shape, generator=g) for _ in range(tasks)])
+        for name, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: CNN(4, 5, channels=16), (1, 28, 28)),
+        (lambda: CNN(3, 5, channels=8, downsample="stride", in_channels=3, image_size=20), (3, 20, 20)),
+        (lambda: MNISTNet(5, channels=(6, 12), hidden=32), (1, 28, 28)),
+    ],
+)
+def test_vmap_functional_call_matches_loop(make, shape):
+    torch.manual_seed(0)
+    model = make()
+    tasks = 4
+    params = _task_params(model, tasks)
+    x = torch.randn(tasks, 10, *shape)
+    y = torch.randint(0, 5, (tasks, 10))
+
+    def logits(p, xb):
+        return functional_call(model, p, (xb,))
+
+    batched = vmap(logits)(params, x)
+    looped = torch.stack([logits({n: v[t] for n, v in params.items()}, x[t]) for t in range(tasks)])
+    torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-5)
+
+    def loss(p, xb, yb):
+        return torch.nn.functional.cross_entropy(logits(p, xb), yb)
+
+    g_batched = vmap(grad(loss))(params, x, y)
+    for t in range(tasks):
+        pt = {n: v[t].clone().requires_grad_(True) for n, v in params.items()}
+        gt = torch.autograd.grad(loss(pt, x[t], y[t]), list(pt.values()))
+        for (n, _), g in zip(pt.items(), gt):
+            torch.testing.assert_close(g_batched[n][t], g, atol=1e-5, rtol=1e-4)
+
+
+def test_mnistnet_layout():
+    m = MNISTNet(10)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(5, 5), (5, 5)]
+    assert m.feature_dim == 50 * 4 * 4 and m.fc.in_features == 800
+    assert isinstance(m.head, nn.Linear) and m.head.in_features == 500 and m.head.out_features == 10
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="downsample"):
+        CNN(4, 5, downsample="avgpool")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        CNN(0, 5)
+    with pytest.raises(TypeError, match="ways"):
+        CNN(4, 5.0)
+    with pytest.raises(ValueError, match="image_size=12"):
+        MNISTNet(10, image_size=12)

@@ -1,0 +1,68 @@
+"""Integration tests on the real dataset slices under ``$METAGRAD_DATA`` (skipped when absent).
+
+Run with e.g. ``METAGRAD_DATA=/work/shared/data pytest tests/test_data_real.py``.  The decoded
+cache goes to a temporary folder so the (possibly read-only) data folder is never written.
+"""
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from metagrad.data import MNIST, EpisodeSampler, Omniglot, md5sum
+
+MD5 = {
+    "omniglot/images_background_small1.zip": "e704a628b5459e08445c13499850abc4",
+    "omniglot/images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd",
+    "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def _root_with(*rel):
+    env = os.environ.get("METAGRAD_DATA")
+    if not env:
+        pytest.skip("METAGRAD_DATA not set")
+    root = Path(env)
+    missing = [r for r in rel if not (root / r).exists()]
+    if missing:
+        pytest.skip(f"real data files missing under {root}: {missing}")
+    return root
+
+
+@pytest.mark.parametrize("rel", sorted(MD5))
+def test_real_md5(rel):
+    root = _root_with(rel)
+    assert md5sum(root / rel) == MD5[rel]
+
+
+@pytest.mark.parametrize("split,chars", [("small1", 136), ("small2", 156)])
+def test_real_omniglot_small(tmp_path, split, chars):
+    root = _root_with(f"omniglot/images_background_{split}.zip")
+    ds = Omniglot(None, split, cache_dir=tmp_path)  # root=None -> $METAGRAD_DATA
+    assert ds.root == root
+    assert ds.num_classes == chars and len(ds) == chars * 20
+    assert torch.equal(ds.labels.bincount(), torch.full((chars,), 20))
+    assert ds.images.shape == (chars * 20, 1, 28, 28)
+    # reference class list straight from the zip member names
+    with zipfile.ZipFile(root / f"omniglot/images_background_{split}.zip") as zf:
+        ref = sorted({"/".join(n.split("/")[1:3]) for n in zf.namelist() if n.endswith(".png")})
+    assert ds.class_names == ref
+    # white background: most pixels are bright
+    assert ds.images.float().mean() > 200
+    sampler = EpisodeSampler(ds.images, ds.labels, 5, 1, 15, seed=0, invert=True)
+    ep = sampler.sample(4)
+    assert ep.support_x.shape == (4, 5, 1, 28, 28) and ep.query_x.shape == (4, 75, 1, 28, 28)
+    assert ep.query_x.mean() < 0.25  # inverted: mostly black
+
+
+def test_real_mnist_t10k(tmp_path):
+    _root_with("mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz")
+    ds = MNIST(None, "test", cache_dir=tmp_path)
+    assert ds.images.shape == (10000, 1, 28, 28) and len(ds) == 10000
+    assert ds.labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert ds.labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    again = MNIST(None, "test", cache_dir=tmp_path)  # from the decoded cache
+    assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
