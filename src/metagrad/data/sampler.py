@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
+
+from ..tasks.base import TaskBatch
 
 __all__ = ["Episode", "EpisodeSampler"]
 
 
-class Episode(NamedTuple):
-    """A batch of few-shot episodes.
-
-    ``support_x``: float ``[B, N*K, C, H, W]``; ``support_y``: int64 ``[B, N*K]`` in ``0..N-1``;
-    ``query_x``: float ``[B, N*Q, C, H, W]``; ``query_y``: int64 ``[B, N*Q]``.
-    Items are class-major: positions ``[n*K, (n+1)*K)`` of the support hold class ``n``.
-    """
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
+#: An episode batch is a :class:`metagrad.TaskBatch`: ``support_x`` float ``[B, N*K, C, H, W]``,
+#: ``support_y`` int64 ``[B, N*K]`` in ``0..N-1``, ``query_x`` ``[B, N*Q, C, H, W]``, ``query_y``
+#: ``[B, N*Q]``. Items are class-major: positions ``[n*K, (n+1)*K)`` of the support hold class ``n``.
+Episode = TaskBatch
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -148,8 +142,8 @@ class EpisodeSampler:
         self.seed = seed
         return self
 
-    def sample_indices(self, batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw episode item indices.
+    def sample_indices(self, batch_size: int = 1, *, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw episode item indices (from ``generator``, default the sampler's own).
 
         Returns:
             ``(items, cls)``: ``items`` int64 ``[B, N, K+Q]`` indices into ``images``
@@ -157,7 +151,7 @@ class EpisodeSampler:
         """
         b = _check_count("batch_size", batch_size, 1)
         n, kq = self.ways, self.shots + self.queries
-        g, dev = self.generator, self.device
+        g, dev = (self.generator if generator is None else generator), self.device
         c = self._table.shape[0]
         rows = torch.rand(b, c, generator=g, device=dev).argsort(dim=1)[:, :n]  # [B, N] table rows
         m = self._table.shape[1]
@@ -176,9 +170,13 @@ class EpisodeSampler:
             y = x.to(self.dtype).mul_(scale)
         return y.add_(1.0) if self.invert else y
 
-    def sample(self, batch_size: int = 1) -> Episode:
-        """Draw ``batch_size`` episodes; see :class:`Episode` for shapes and layout."""
-        items, _ = self.sample_indices(batch_size)
+    def sample(self, batch_size: int = 1, *, generator: torch.Generator | None = None) -> Episode:
+        """Draw ``batch_size`` episodes; see :data:`Episode` for shapes and layout.
+
+        ``generator`` (on the sampler's device) replaces the sampler's own, which makes the
+        sampler a task family for :func:`metagrad.train.fit`.
+        """
+        items, _ = self.sample_indices(batch_size, generator=generator)
         b, n, k, q = items.shape[0], self.ways, self.shots, self.queries
         shape = self.images.shape[1:]
         # index_select straight into the final [B, N*K] / [B, N*Q] layouts (no extra copies);
