@@ -594,3 +594,30 @@ def test_meta_sgd_with_underscored_module_names(module_name):
     grads, _ = learner.meta_gradient_of(make_batch())  # KeyError: 'fc_.weight' / 'enc__1.weight'
     assert set(learner.meta_parameters()["rule"]) == {f"{module_name}.weight", f"{module_name}.bias"}
     assert set(grads["rule"]) == {f"{module_name}.weight", f"{module_name}.bias"}
+
+
+def test_vmap_matches_loop_through_batchnorm_second_order():
+    """Regression: grad(vmap(grad(batch_norm))) is wrong in torch 2.13; the engine must not use it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).to(DT)
+    learner = MetaLearner(model, torch.nn.functional.cross_entropy, lr=0.4, schedule=Schedule(2))
+    sx, qx = torch.randn(3, 4, 1, 4, 4, dtype=DT), torch.randn(3, 6, 1, 4, 4, dtype=DT)
+    sy, qy = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
+    batch = TaskBatch(sx, sy, qx, qy)
+    gv, _ = learner.meta_gradient_of(batch, vectorize=True)
+    gl, _ = learner.meta_gradient_of(batch, vectorize=False)
+    # reference: torch.autograd over a hand-written per-task loop
+    params = list(model.parameters())
+    total = 0
+    for i in range(3):
+        ps = dict(model.named_parameters())
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, ps, (sx[i],)), sy[i])
+            g = torch.autograd.grad(loss, list(ps.values()), create_graph=True)
+            ps = {n: p - 0.4 * gi for (n, p), gi in zip(ps.items(), g)}
+        total = total + torch.nn.functional.cross_entropy(torch.func.functional_call(model, ps, (qx[i],)), qy[i]) / 3
+    ref = dict(zip(dict(model.named_parameters()), torch.autograd.grad(total, params)))
+    for n, r in ref.items():
+        torch.testing.assert_close(gv["model"][n], r, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gl["model"][n], r, rtol=1e-9, atol=1e-12)

@@ -174,9 +174,9 @@ class MetaLearner(nn.Module):
         outs = [fn(meta_params, *(t[i] for t in batch)) for i in range(batch.num_tasks)]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
-    def _batch_objective(self, meta_params, batch: TaskBatch, vectorize: bool):
-        objective, aux = self._map_tasks(self._task_objective, meta_params, batch, vectorize)
-        return objective.mean(), aux
+    def _task_gradient(self, meta_params, sx, sy, qx, qy):
+        """(meta-gradient, (surrogate, aux)) of one task."""
+        return grad_and_value(self._task_objective, has_aux=True)(meta_params, sx, sy, qx, qy)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
@@ -204,7 +204,11 @@ class MetaLearner(nn.Module):
         batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
         meta_params = self._detached_meta_parameters()
-        grads, (objective, aux) = grad_and_value(self._batch_objective, has_aux=True)(meta_params, batch, vectorize)
+        # Per-task gradients, then the mean: vmap(grad(.)) rather than grad(vmap(.)), which in
+        # torch 2.13 returns a wrong second-order gradient through F.batch_norm(training=True).
+        grads, (objective, aux) = self._map_tasks(self._task_gradient, meta_params, batch, vectorize)
+        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
+        objective = objective.mean()
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():
