@@ -5,10 +5,11 @@ from .._registry import Registry
 from .base import Experiment, Variant, evaluate_run, run
 from .linreg_depth import LinregDepth
 from .logreg_depth import LogregDepth
+from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (LinregDepth, LogregDepth, SinusoidExperiment):
+for _cls in (LinregDepth, LogregDepth, OmniglotMAML, SinusoidExperiment):
     EXPERIMENTS.register(_cls.name, _cls)
 
 
