@@ -66,3 +66,19 @@ def test_real_mnist_t10k(tmp_path):
     assert ds.labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     again = MNIST(None, "test", cache_dir=tmp_path)  # from the decoded cache
     assert torch.equal(again.images, ds.images) and torch.equal(again.labels, ds.labels)
+
+
+def test_omniglot_maml_runs_on_real_subsets(tmp_path):
+    """A few meta-iterations of ``omniglot-maml`` on small1 -> small2 beat chance (20%)."""
+    _root_with("omniglot/images_background_small1.zip", "omniglot/images_background_small2.zip")
+    from metagrad.experiments import get_experiment, run
+
+    sets = ["quick=true", f"cache_dir={tmp_path / 'cache'}", "variants.5way-1shot.iterations=25",
+            "variants.5way-5shot.iterations=15", "train.eval_tasks=100", "train.eval_every=25"]
+    s = run(get_experiment("omniglot-maml"), tmp_path / "run", sets, progress=False)
+    assert s["splits"] == {"train": "small1", "test": "small2"}
+    for name in ("5way-1shot", "5way-5shot"):
+        acc, ci = s[name]["accuracy"], s[name]["accuracy_ci95"]
+        assert s[name]["accuracy_by_step"][0] == pytest.approx(0.2, abs=0.06)  # untrained head: chance
+        assert acc - ci > 0.3
+    assert (tmp_path / "run" / "omniglot_maml.png").exists()

@@ -116,3 +116,15 @@ def test_mean_ci95_matches_formula():
     mean, ci = mg.metrics.mean_ci95(vals)
     assert mean == pytest.approx(3.5)
     assert ci == pytest.approx(1.96 * vals.std().item() / 2.0)
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    from metagrad._io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
