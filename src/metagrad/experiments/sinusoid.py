@@ -44,7 +44,7 @@ class SinusoidExperiment(Experiment):
         }
 
     def quick_config(self) -> dict:
-        return {"train.iterations": 400, "train.eval_every": 100, "train.eval_tasks": 500}
+        return {"train.iterations": 1500, "train.eval_every": 100, "train.eval_tasks": 500}
 
     def variants(self, config):
         def build(shots):
