@@ -2,7 +2,7 @@
 
 A 1-40-40-1 ReLU MLP, one inner SGD step with lr 0.01 at meta-training, meta-batch 25, Adam 1e-3;
 evaluation adapts up to 10 steps and reports post-adaptation MSE after each step on held-out
-tasks. The paper trains 70,000 meta-iterations; the default here is 10,000 and ``quick`` 400.
+tasks. The paper trains 70,000 meta-iterations; the default here is 10,000 and ``quick`` 1,500.
 """
 from __future__ import annotations
 
