@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from .gradients import MetaGradient, make_meta_gradient
 from .learners import select_adapted
@@ -147,11 +147,25 @@ class MetaLearner(nn.Module):
 
         trajectory = [adapted]
         losses = []
+        adapts_state = self.rule.adapts_state
+        state_vjp = None  # pullback of the last step with respect to the state that made it
         for _ in range(steps):
             grads, loss = grad_and_value(support_loss)(adapted)
             if first_order:
                 grads = {n: g.detach() for n, g in grads.items()}
-            adapted, state = self.rule.step(adapted, grads, state)
+            if not adapts_state:
+                adapted, state = self.rule.step(adapted, grads, state)
+            else:
+                # Algorithm 1 (suppl. C): xi_{t+1} = xi_t - a d l(theta_t)/d xi_t, where theta_t
+                # depends on xi_t only through theta_t = step(theta_{t-1}, g_{t-1}, xi_t): the
+                # state gradient is the vjp of that step with grad l(theta_t) (zero at t = 0).
+                if state_vjp is not None:
+                    (state_grads,) = state_vjp(grads)
+                    if first_order:
+                        state_grads = {k: v.detach() for k, v in state_grads.items()}
+                    state = self.rule.state_step(state, state_grads)
+                prev, prev_grads = adapted, grads
+                adapted, state_vjp = vjp(lambda st: self.rule.step(prev, prev_grads, st)[0], state)
             losses.append(loss.detach())
             if keep_trajectory:
                 trajectory.append(adapted)
@@ -283,8 +297,25 @@ class TaskModel:
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"non-finite inner loss {loss.item()} at step {self.steps_taken}")
         names = learner.adapted_names
-        grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
-        grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
+        if not learner.rule.adapts_state:
+            grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
+            grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
+        else:
+            # Algorithm 1: the state xi_t reaches the loss only through the last step, which this
+            # copy recorded, so d loss / d xi_t is autograd's (None, i.e. zero, before any step).
+            keys = list(self.state)
+            inputs = [self.params[n] for n in names] + [self.state[k] for k in keys]
+            differentiable = [i for i, t in enumerate(inputs) if i < len(names) or t.requires_grad]
+            # retain_graph: the state's path runs through the last step, which the query loss
+            # still needs (a first-order adapt would otherwise free it)
+            found = torch.autograd.grad(loss, [inputs[i] for i in differentiable], create_graph=not first_order,
+                                        retain_graph=True, allow_unused=True)
+            full = [torch.zeros_like(t) for t in inputs]
+            for i, g in zip(differentiable, found):
+                if g is not None:
+                    full[i] = g.detach() if first_order else g
+            grads = dict(zip(names, full[: len(names)]))
+            self.state = learner.rule.state_step(self.state, dict(zip(keys, full[len(names):])))
         new, self.state = learner.rule.step({n: self.params[n] for n in names}, grads, self.state)
         self.params.update(new)
         self.steps_taken += 1
