@@ -6,7 +6,7 @@ the meta-gradient and the schedule. :class:`MetaLearner` composes them.
 from .core import MetaLearner, TaskModel
 from .gradients import FirstOrder, MetaGradient, Reptile, Unrolled, make_meta_gradient
 from .learners import LinNet, select_adapted
-from .rules import SGD, MetaSGD, UpdateRule, make_rule
+from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
 from .schedule import Schedule
 from .tasks import LinearRegression1D, LogisticRegression2D, Sinusoid, TaskBatch
 
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner", "TaskModel", "Schedule", "TaskBatch",
-    "UpdateRule", "SGD", "MetaSGD", "make_rule",
+    "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "make_meta_gradient",
     "select_adapted", "LinNet",
     "Sinusoid", "LinearRegression1D", "LogisticRegression2D",
