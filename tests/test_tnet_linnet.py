@@ -200,3 +200,18 @@ def test_tnet_conv_vmap_matches_loop():
     torch.testing.assert_close(sv["meta_objective"], sl["meta_objective"], rtol=0, atol=1e-12)
     for n in gl["model"]:
         torch.testing.assert_close(gv["model"][n], gl["model"][n], rtol=0, atol=1e-11)
+
+
+def test_linnet_collapse_quick_collapsed_adapts_like_lr(tmp_path):
+    """Suppl. B.3: the collapsed LinNet computes the LinNet's function (same pre-adaptation loss on the
+    same held-out tasks) but after one step its loss is LR's, not the LinNet's."""
+    from metagrad.experiments import get_experiment, run
+
+    s = run(get_experiment("linnet-collapse"), tmp_path,
+            ["quick=true", "train.iterations=400", "train.val_tasks=100", "train.eval_every=100"], progress=False)
+    lr, lin, col = s["lr"], s["lr-linnet"], s["lr-linnet-collapsed"]
+    assert s["collapse_same_function_pre_adapt_loss_gap"] < 1e-6
+    assert lin["post_adapt_loss"] < lr["post_adapt_loss"] - 3 * (lr["post_adapt_loss_ci95"] + lin["post_adapt_loss_ci95"])
+    assert col["post_adapt_loss"] > lin["post_adapt_loss"] + 3 * (col["post_adapt_loss_ci95"] + lin["post_adapt_loss_ci95"])
+    assert abs(col["post_adapt_loss"] - lr["post_adapt_loss"]) < 0.05
+    assert (tmp_path / "linnet_collapse.png").read_bytes()[:4] == b"\x89PNG"

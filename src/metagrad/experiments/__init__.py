@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from .._registry import Registry
 from .base import Experiment, Variant, evaluate_run, run
+from .linnet_collapse import LinnetCollapse
 from .linreg_depth import LinregDepth
+from .linreg_landscape import LinregLandscape
 from .logreg_depth import LogregDepth
 from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (LinregDepth, LogregDepth, OmniglotMAML, SinusoidExperiment):
+for _cls in (LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment):
     EXPERIMENTS.register(_cls.name, _cls)
 
 

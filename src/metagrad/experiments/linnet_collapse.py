@@ -1,0 +1,132 @@
+"""``linnet-collapse``: Arnold et al. (2021) suppl. B.3 / Fig. B.3, linear layers cannot be collapsed.
+
+The ``logreg-depth`` setting (suppl. B.1): tasks from :class:`~metagrad.tasks.LogisticRegression2D`,
+binary cross-entropy on logits, MAML with one inner SGD step at the adaptation lr 0.9, outer SGD at
+meta lr 0.01 (LR) and 0.1 (LR + LinNet). After meta-training, the LinNet's bias-free linear layers
+are multiplied into one (:meth:`~metagrad.learners.LinNet.collapse`): the collapsed model computes
+the same function, but adapted as a plain LR (same inner lr, all its parameters) it adapts like LR,
+not like the LinNet. Three models are evaluated on the same held-out tasks after one inner step:
+
+* ``lr``: LR ``c^T x``, meta-trained;
+* ``lr-linnet``: LR + LinNet ``W_L ... W_1 x``, meta-trained;
+* ``lr-linnet-collapsed``: the trained ``lr-linnet`` collapsed, then adapted (no training).
+
+As noted in ``logreg_depth``, post-adaptation *accuracy* barely separates the models in this setup
+(one step from the origin already points the right way); the post-adaptation *loss* does. Both are
+reported. The collapsed model's pre-adaptation loss equals the LinNet's (same function), which the
+summary records as a check.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import MetaLearner
+from ..learners import LinNet
+from ..metrics import binary_accuracy
+from ..models import linear_chain
+from ..schedule import Schedule
+from ..tasks import LogisticRegression2D
+from ..train import CHECKPOINT, evaluate_tasks, load_checkpoint
+from . import _plot
+from .base import Experiment, Variant, build_variant
+
+LABELS = {"lr": "LR", "lr-linnet": "LR+LinNet", "lr-linnet-collapsed": "LR+LinNet collapsed"}
+
+
+class LinnetCollapse(Experiment):
+    name = "linnet-collapse"
+    description = "Arnold et al. Fig B.3: LR vs LR+LinNet vs the LinNet collapsed to LR before adaptation"
+
+    def default_config(self) -> dict:
+        return {
+            "quick": False,
+            "seed": 0,
+            "shots": 5,
+            "queries": 10,
+            "labels": "separable",
+            "widths": [2],
+            "inner_lr": 0.9,
+            "inner_steps": 1,
+            "meta_gradient": "unrolled",
+            "meta_lr": {"lr": 0.01, "linnet": 0.1},
+            "train": {
+                "iterations": 3000, "meta_batch_size": 16, "optimizer": "sgd", "meta_lr": 0.01,
+                "momentum": 0.0, "log_every": 10, "eval_every": 50, "val_tasks": 1000,
+                "eval_tasks": 5000, "eval_batch": 5000, "checkpoint_every": 500,
+            },
+        }
+
+    def quick_config(self) -> dict:
+        return {"train.iterations": 600, "train.eval_every": 50, "train.val_tasks": 500, "train.eval_tasks": 2000}
+
+    def _family(self, config):
+        return LogisticRegression2D(shots=config["shots"], queries=config["queries"], labels=config["labels"])
+
+    def _learner(self, config, model: nn.Module) -> MetaLearner:
+        return MetaLearner(model, F.binary_cross_entropy_with_logits, lr=config["inner_lr"],
+                           meta_gradient=config["meta_gradient"], schedule=Schedule(config["inner_steps"]),
+                           metric_fn=binary_accuracy)
+
+    def variants(self, config):
+        def build(model_fn, meta_lr):
+            def make():
+                train = {**config["train"], "seed": config["seed"], "meta_lr": meta_lr}
+                family = self._family(config)
+                return Variant(self._learner(config, model_fn()), family, family, train)
+            return make
+
+        lrs = config["meta_lr"]
+        return {
+            "lr": build(lambda: linear_chain([2, 1]), lrs["lr"]),
+            "lr-linnet": build(lambda: LinNet(nn.Identity(), 2, list(config["widths"]), 1), lrs["linnet"]),
+        }
+
+    def collapsed_learner(self, config, out_dir: Path) -> MetaLearner:
+        """The trained ``lr-linnet`` variant (from its checkpoint), collapsed, as a plain-LR learner."""
+        variant = build_variant(self, config, "lr-linnet")
+        variant.learner.load_state_dict(load_checkpoint(out_dir / "lr-linnet" / CHECKPOINT)["learner"])
+        return self._learner(config, variant.learner.model.collapse())
+
+    def report(self, config, results, out_dir: Path) -> dict:
+        train = config["train"]
+        # the same held-out tasks as fit()'s final evaluation of the trained variants
+        collapsed = evaluate_tasks(self.collapsed_learner(config, out_dir), self._family(config),
+                                   train["eval_tasks"], seed=config["seed"] + 20_011, batch=train["eval_batch"])
+        results = {**results, "lr-linnet-collapsed": collapsed}
+        summary = {}
+        for name, res in results.items():
+            summary[name] = {
+                "label": LABELS[name],
+                "post_adapt_accuracy": res["metric"]["mean"], "post_adapt_accuracy_ci95": res["metric"]["ci95"],
+                "pre_adapt_accuracy": res["metric"]["by_step"][0],
+                "post_adapt_loss": res["loss"]["mean"], "post_adapt_loss_ci95": res["loss"]["ci95"],
+                "pre_adapt_loss": res["loss"]["by_step"][0],
+                "eval_tasks": res["tasks"],
+            }
+        summary["collapse_same_function_pre_adapt_loss_gap"] = abs(
+            summary["lr-linnet"]["pre_adapt_loss"] - summary["lr-linnet-collapsed"]["pre_adapt_loss"])
+        self._plot(summary, out_dir)
+        return summary
+
+    @staticmethod
+    def _plot(summary, out_dir: Path) -> None:
+        names = list(LABELS)
+        colors = ["black", "red", "green"]
+        fig, axes = _plot.figure(ncols=2, figsize=(9, 3.5))
+        for ax, key, ylabel in ((axes[0], "post_adapt_accuracy", "post-adaptation accuracy"),
+                                (axes[1], "post_adapt_loss", "post-adaptation cross-entropy")):
+            vals = [summary[n][key] for n in names]
+            errs = [summary[n][key + "_ci95"] for n in names]
+            ax.bar(range(3), vals, yerr=errs, color=colors, capsize=4)
+            pre = [summary[n][key.replace("post", "pre")] for n in names]
+            ax.scatter(range(3), pre, marker="_", s=300, color="gray", zorder=3)
+            ax.set_xticks(range(3), [LABELS[n] for n in names], rotation=12)
+            ax.set_ylabel(ylabel + " (held-out)")
+        axes[0].set_ylim(0.4, 1.0)
+        fig.suptitle("2-D logistic regression, MAML 1 step: collapsing the LinNet before adaptation\n"
+                     "(bars: after 1 step, 95% CI; gray ticks: before adaptation)")
+        _plot.save_figure(fig, out_dir / "linnet_collapse.png")
+        _plot.close(fig)
