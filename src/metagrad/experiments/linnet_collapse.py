@@ -115,7 +115,7 @@ class LinnetCollapse(Experiment):
     def _plot(summary, out_dir: Path) -> None:
         names = list(LABELS)
         colors = ["black", "red", "green"]
-        fig, axes = _plot.figure(ncols=2, figsize=(9, 3.5))
+        fig, axes = _plot.figure(ncols=2, figsize=(10, 3.8))
         for ax, key, ylabel in ((axes[0], "post_adapt_accuracy", "post-adaptation accuracy"),
                                 (axes[1], "post_adapt_loss", "post-adaptation cross-entropy")):
             vals = [summary[n][key] for n in names]
@@ -125,8 +125,9 @@ class LinnetCollapse(Experiment):
             ax.scatter(range(3), pre, marker="_", s=300, color="gray", zorder=3)
             ax.set_xticks(range(3), [LABELS[n] for n in names], rotation=12)
             ax.set_ylabel(ylabel + " (held-out)")
+        fig.subplots_adjust(wspace=0.3)
         axes[0].set_ylim(0.4, 1.0)
         fig.suptitle("2-D logistic regression, MAML 1 step: collapsing the LinNet before adaptation\n"
-                     "(bars: after 1 step, 95% CI; gray ticks: before adaptation)")
+                     "(bars: after 1 step, 95% CI; gray ticks: before adaptation)", y=1.06)
         _plot.save_figure(fig, out_dir / "linnet_collapse.png")
         _plot.close(fig)
