@@ -128,3 +128,16 @@ def test_outputs_respect_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+
+
+def test_diverging_evaluation_is_reported_not_raised():
+    """Evaluation with too large a rate diverges on some tasks: reported as null, counted."""
+    torch.manual_seed(0)
+    learner = mg.MetaLearner(linear_chain([1, 1]), mse, lr=50.0, metric_fn=mse, schedule=mg.Schedule(1, 30))
+    fam = mg.LinearRegression1D(shots=5, queries=5)
+    out = train_mod.evaluate_tasks(learner, fam, 20, seed=0, batch=20)
+    direct = learner.evaluate(fam.sample(20, generator=torch.Generator().manual_seed(0)))
+    diverged = int((~torch.isfinite(direct["loss"][:, -1])).sum())
+    assert diverged > 0 and out["loss"]["diverged"] == diverged
+    assert out["loss"]["mean"] is None and out["loss"]["by_step"][-1] is None
+    assert out["loss"]["by_step"][0] == pytest.approx(direct["loss"][:, 0].double().mean().item())

@@ -61,7 +61,7 @@ class MetaLearner(nn.Module):
         loss_fn: ``loss_fn(predictions, targets) -> scalar`` used for both support and query sets.
         adapt: which parameters adapt: ``"all"`` (MAML), ``"head"`` (ANIL) or name patterns.
         rule: an :class:`~metagrad.rules.UpdateRule` or a registered name (``"sgd"``,
-            ``"meta-sgd"``); a name is built with ``lr``.
+            ``"meta-sgd"``, ``"meta-curvature"``, ``"meta-kfo"``); a name is built with ``lr``.
         lr: inner learning rate used when ``rule`` is given by name.
         meta_gradient: a :class:`~metagrad.gradients.MetaGradient` or a registered name
             (``"unrolled"``, ``"first-order"``, ``"reptile"``).
@@ -246,7 +246,10 @@ class MetaLearner(nn.Module):
         """Adapt to each task's support set and score its query set after 0..steps inner steps.
 
         Returns ``{"loss": [tasks, steps + 1]}`` plus ``"metric"`` of the same shape when the
-        learner has a ``metric_fn``. Column ``k`` is the value after ``k`` steps.
+        learner has a ``metric_fn``. Column ``k`` is the value after ``k`` steps. A task whose
+        adaptation diverges is not an error here: its later values become ``inf``/``nan``
+        (training, by contrast, raises on any non-finite inner loss). A non-finite support loss
+        before the first step means bad input and raises ``ValueError`` naming the task.
         """
         batch = _as_batch(batch)
         steps = self.schedule.eval_steps if steps is None else steps
@@ -256,7 +259,7 @@ class MetaLearner(nn.Module):
             traj, inner = self._inner_loop(meta_params, sx, sy, steps, first_order=True, keep_trajectory=True)
             _, fixed = self._split(meta_params)
             preds = [functional_call(self.model, {**fixed, **u}, (qx,)) for u in traj]
-            out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": inner}
+            out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": inner[:1]}
             if self.metric_fn is not None:
                 out["metric"] = torch.stack([self.metric_fn(p, qy) for p in preds])
             return out

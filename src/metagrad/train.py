@@ -78,8 +78,10 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
                    steps: int | None = None) -> dict:
     """Evaluate on ``num_tasks`` tasks drawn from ``family`` with a fixed seed.
 
-    Returns ``{"loss": {"mean", "ci95", "by_step"}, "metric": {...}}`` where the mean and CI are
-    after the final inner step and ``by_step`` lists the mean after 0..steps steps.
+    Returns ``{"loss": {"mean", "ci95", "by_step", "diverged"}, "metric": {...}}`` where the mean
+    and CI are after the final inner step, ``by_step`` lists the mean after 0..steps steps and
+    ``diverged`` counts tasks whose final value is not finite. Means over values that are not all
+    finite are reported as ``None`` (JSON null).
     """
     gen = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {}
@@ -92,11 +94,19 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
         done += n
     result = {}
     for k, parts in chunks.items():
-        values = torch.cat(parts)  # [tasks, steps + 1]
-        mean, ci = mean_ci95(values[:, -1])
-        result[k] = {"mean": mean, "ci95": ci, "by_step": values.double().mean(0).tolist()}
+        values = torch.cat(parts).double()  # [tasks, steps + 1]
+        finite = torch.isfinite(values)
+        mean, ci = mean_ci95(values[:, -1]) if finite[:, -1].all() else (None, None)
+        by_step = [m if ok else None for m, ok in zip(values.mean(0).tolist(), finite.all(0).tolist())]
+        result[k] = {"mean": mean, "ci95": ci, "by_step": by_step, "diverged": int((~finite[:, -1]).sum())}
     result["tasks"] = num_tasks
     return result
+
+
+def _finite_or_none(x: torch.Tensor) -> float | None:
+    """A float for JSON, or ``None`` where the value is inf/nan (JSON has no such numbers)."""
+    v = x.item()
+    return v if torch.isfinite(x) else None
 
 
 def _records_to_csv(records: list[dict]) -> str:
@@ -168,9 +178,9 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
 
     def validate(iteration: int) -> dict:
         out = learner.evaluate(val_batch)
-        rec = {"iteration": iteration, "val_loss": out["loss"][:, -1].mean().item()}
+        rec = {"iteration": iteration, "val_loss": _finite_or_none(out["loss"][:, -1].mean())}
         if "metric" in out:
-            rec["val_metric"] = out["metric"][:, -1].mean().item()
+            rec["val_metric"] = _finite_or_none(out["metric"][:, -1].mean())
         return rec
 
     def checkpoint(iteration: int) -> None:

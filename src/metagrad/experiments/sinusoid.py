@@ -73,7 +73,8 @@ class SinusoidExperiment(Experiment):
                 "post_adapt_mse": res["loss"]["mean"], "post_adapt_mse_ci95": res["loss"]["ci95"],
                 "mse_by_step": curve, "eval_tasks": res["tasks"],
             }
-            ax.plot(range(len(curve)), curve, marker="o", label=f"MAML {name}")
+            ax.plot(range(len(curve)), [float("nan") if v is None else v for v in curve], marker="o",
+                    label=f"MAML {name}")
         ax.set_xlabel("inner gradient steps at test time")
         ax.set_ylabel("query MSE (held-out tasks)")
         ax.set_yscale("log")
