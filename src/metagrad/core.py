@@ -178,19 +178,12 @@ class MetaLearner(nn.Module):
         _, fixed = self._split(meta_params)
         return self.loss_fn(functional_call(self.model, {**fixed, **adapted}, (qx,)), qy)
 
-    def _task_objective(self, meta_params, sx, sy, qx, qy):
-        return self.meta_gradient.task_objective(self, meta_params, sx, sy, qx, qy)
-
     def _map_tasks(self, fn, meta_params, batch: TaskBatch, vectorize: bool):
         """Apply ``fn(meta_params, sx, sy, qx, qy)`` to every task; outputs stacked on dim 0."""
         if vectorize:
             return vmap(fn, in_dims=_TASK_DIMS)(meta_params, *batch)
         outs = [fn(meta_params, *(t[i] for t in batch)) for i in range(batch.num_tasks)]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-
-    def _task_gradient(self, meta_params, sx, sy, qx, qy):
-        """(meta-gradient, (surrogate, aux)) of one task."""
-        return grad_and_value(self._task_objective, has_aux=True)(meta_params, sx, sy, qx, qy)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
@@ -218,11 +211,7 @@ class MetaLearner(nn.Module):
         batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
         meta_params = self._detached_meta_parameters()
-        # Per-task gradients, then the mean: vmap(grad(.)) rather than grad(vmap(.)), which in
-        # torch 2.13 returns a wrong second-order gradient through F.batch_norm(training=True).
-        grads, (objective, aux) = self._map_tasks(self._task_gradient, meta_params, batch, vectorize)
-        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
-        objective = objective.mean()
+        grads, objective, aux = self.meta_gradient.batch_gradient(self, meta_params, batch, vectorize)
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():

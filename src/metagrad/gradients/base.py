@@ -7,14 +7,18 @@ surrogate ``1/2 ||theta - stopgrad(u_K)||^2`` has gradient ``theta - u_K``. Beca
 "the gradient of a per-task function", ``torch.func.grad`` and ``torch.func.vmap`` compose with all
 of them, and the engine (``metagrad.MetaLearner``) averages over tasks.
 
-Methods whose gradient is not the derivative of a cheap surrogate (implicit, adjoint) can
-override :meth:`MetaGradient.batch_gradient` instead.
+Methods whose gradient is not the derivative of a cheap surrogate (implicit, adjoint) override
+:meth:`MetaGradient.task_gradient` (one task, still mapped over the batch by vmap or a loop) or
+:meth:`MetaGradient.batch_gradient` (the whole meta-batch at once, e.g. one stacked ODE state).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
+from torch.func import grad_and_value
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core import MetaLearner
@@ -32,6 +36,22 @@ class MetaGradient:
 
     def task_objective(self, learner: "MetaLearner", meta_params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         raise NotImplementedError
+
+    def task_gradient(self, learner: "MetaLearner", meta_params, sx, sy, qx, qy):
+        """``(grads, (objective, aux))`` for one task; default: the gradient of the surrogate."""
+        return grad_and_value(partial(self.task_objective, learner), has_aux=True)(meta_params, sx, sy, qx, qy)
+
+    def batch_gradient(self, learner: "MetaLearner", meta_params, batch, vectorize: bool):
+        """``(grads, objective, aux)`` averaged over the tasks of ``batch``.
+
+        Default: :meth:`task_gradient` per task (``vmap(grad(.))`` rather than
+        ``grad(vmap(.))``, which in torch 2.13 returns a wrong second-order gradient through
+        ``F.batch_norm(training=True)``), then the mean over tasks. ``aux`` values keep a
+        leading task dimension.
+        """
+        grads, (objective, aux) = learner._map_tasks(partial(self.task_gradient, learner), meta_params, batch, vectorize)
+        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
+        return grads, objective.mean(), aux
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
