@@ -4,7 +4,9 @@ Four orthogonal choices make a method: the learner (which parameters adapt), the
 the meta-gradient and the schedule. :class:`MetaLearner` composes them.
 """
 from .core import MetaLearner, TaskModel
-from .gradients import FirstOrder, MetaGradient, Reptile, Unrolled, make_meta_gradient
+from .gradients import (
+    Adjoint, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
+)
 from .learners import LinNet, select_adapted
 from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
 from .schedule import Schedule
@@ -15,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaLearner", "TaskModel", "Schedule", "TaskBatch",
     "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
-    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "make_meta_gradient",
+    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "Implicit", "Checkpointed",
+    "make_meta_gradient",
     "select_adapted", "LinNet",
     "Sinusoid", "LinearRegression1D", "LogisticRegression2D",
 ]

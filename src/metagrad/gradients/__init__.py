@@ -1,6 +1,9 @@
 """Meta-gradients: how d(query loss)/d(initialization) is computed. ``make_meta_gradient(name)``."""
 from .._registry import Registry
+from .adjoint import Adjoint
 from .base import MetaGradient
+from .checkpointed import Checkpointed
+from .implicit import Implicit
 from .reptile import Reptile
 from .unrolled import FirstOrder, Unrolled
 
@@ -8,11 +11,18 @@ META_GRADIENTS: Registry[MetaGradient] = Registry("meta-gradient")
 META_GRADIENTS.register("unrolled", Unrolled)
 META_GRADIENTS.register("first-order", FirstOrder)
 META_GRADIENTS.register("reptile", Reptile)
+META_GRADIENTS.register("adjoint", Adjoint)
+META_GRADIENTS.register("implicit", Implicit)
+META_GRADIENTS.register("checkpointed", Checkpointed)
 
 
 def make_meta_gradient(name: str, **kwargs) -> MetaGradient:
-    """Build a registered meta-gradient by name (``"unrolled"``, ``"first-order"``, ``"reptile"``)."""
+    """Build a registered meta-gradient by name (``"unrolled"``, ``"first-order"``, ``"reptile"``,
+    ``"adjoint"``, ``"implicit"``, ``"checkpointed"``)."""
     return META_GRADIENTS.make(name, **kwargs)
 
 
-__all__ = ["MetaGradient", "Unrolled", "FirstOrder", "Reptile", "META_GRADIENTS", "make_meta_gradient"]
+__all__ = [
+    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "Implicit", "Checkpointed",
+    "META_GRADIENTS", "make_meta_gradient",
+]
