@@ -71,7 +71,8 @@ class SinusoidExperiment(Experiment):
             curve = res["loss"]["by_step"]
             summary[name] = {
                 "post_adapt_mse": res["loss"]["mean"], "post_adapt_mse_ci95": res["loss"]["ci95"],
-                "mse_by_step": curve, "eval_tasks": res["tasks"],
+                "mse_after_train_steps": curve[config["train_steps"]], "mse_by_step": curve,
+                "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
             ax.plot(range(len(curve)), [float("nan") if v is None else v for v in curve], marker="o",
                     label=f"MAML {name}")
