@@ -1,5 +1,7 @@
 """Task families and task batches."""
 from .base import TaskBatch, TaskFamily
+from .regression import REGRESSION_FAMILIES, Alpine, CosMixture, alpine, cos_mixture
 from .synthetic import LinearRegression1D, LogisticRegression2D, Sinusoid
 
-__all__ = ["TaskBatch", "TaskFamily", "Sinusoid", "LinearRegression1D", "LogisticRegression2D"]
+__all__ = ["TaskBatch", "TaskFamily", "Sinusoid", "LinearRegression1D", "LogisticRegression2D",
+           "CosMixture", "Alpine", "cos_mixture", "alpine", "REGRESSION_FAMILIES"]
