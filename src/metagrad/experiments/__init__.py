@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .._registry import Registry
+from .amaml_regression import AmamlRegression
 from .base import Experiment, Variant, evaluate_run, run
 from .linnet_collapse import LinnetCollapse
 from .linreg_depth import LinregDepth
@@ -11,7 +12,7 @@ from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment):
+for _cls in (AmamlRegression, LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment):
     EXPERIMENTS.register(_cls.name, _cls)
 
 
