@@ -1,14 +1,343 @@
-"""A-MAML: the adjoint-ODE meta-gradient (work in progress)."""
+"""A-MAML (adjoint-maml.txt): the inner loop as gradient flow, the meta-gradient from its adjoint ODE."""
 from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, grad_and_value, vjp, vmap
 
 from .base import MetaGradient
 
+_tree_map = torch.utils._pytree.tree_map
+
+FORWARDS = ("ode", "euler")
+BACKWARDS = ("heun", "discrete")
+
+
+class AdjointSolverError(RuntimeError):
+    """The forward gradient flow (or the backward adjoint) of one task failed: non-finite values,
+    step-size underflow or too many solver steps. The message names the task and the time reached."""
+
+    def __init__(self, message: str, *, task: int, time: float):
+        super().__init__(message)
+        self.task = task
+        self.time = time
+
+
+class _Failure(Exception):
+    def __init__(self, task: int, time: float, what: str):
+        self.task, self.time, self.what = task, time, what
+
+
+class _SolverAssert(Exception):
+    def __init__(self, message: str, time: float):
+        self.message, self.time = message, time
+
 
 class Adjoint(MetaGradient):
-    """Adjoint meta-gradient of gradient flow (A-MAML). Work in progress: not implemented yet."""
+    """A-MAML: the meta-gradient of gradient flow by the adjoint method (Algorithm 2, eqs 9-11).
 
-    def __init__(self, **kwargs):
-        self.options = kwargs
+    Per task, the adapted parameters follow the gradient flow of the support loss,
 
-    def batch_gradient(self, learner, meta_params, batch, vectorize):
-        raise NotImplementedError("Adjoint meta-gradient is work in progress")
+        du/dt = -grad_u L_tr(u, phi),   u(0) = theta,   0 <= t <= T,
+
+    solved forward by torchdiffeq (``solver``, adaptive ``dopri5`` by default, tolerances
+    ``rtol`` / ``atol``) and recorded on the grid ``t_j = j T / K``, ``K = round(T / h)`` (so the
+    grid step is ``h`` when ``T`` is a multiple of it, as ``torch.arange(0, T + h/2, h)``).
+    The adjoint ``dlambda/dt = H(u) lambda``, ``lambda(T) = grad_u L_val(u(T))``, with ``H`` the
+    support-loss Hessian, is then solved backward over the recorded states by modified Euler
+    (Heun; global error ``O(h^2)``) with Hessian-vector products from ``torch.func.vjp`` of the
+    gradient (``H`` is never formed). The meta-gradient of ``theta`` is ``lambda(0)``.
+
+    Parameters that do not adapt (``phi``: the ANIL body, ``adapt="head"``) get
+    ``dJ/dphi = d_phi L_val(u(T)) - int_0^T (d_phi grad_u L_tr(u))^T lambda dt``, the mixed
+    second derivative as a vjp, integrated by the trapezoid rule on the grid (``O(h^2)`` too).
+
+    ``forward="euler"`` replaces the ODE solver by ``K`` explicit Euler steps
+    ``u_{k+1} = u_k - h grad L_tr(u_k)``, i.e. MAML's inner loop with SGD at rate ``h``.
+    ``backward="discrete"`` uses the exact adjoint of those steps,
+    ``lambda_k = (I - h H(u_k)) lambda_{k+1}`` (and ``-h (d_phi grad_u L_tr(u_k))^T lambda_{k+1}``
+    for ``phi``): with both, the result equals :class:`~metagrad.gradients.Unrolled` with
+    ``SGD(h)`` and ``K`` steps to float precision, in ``O(K)`` recorded states and no graph.
+
+    Conventions:
+
+    * The learner's rule must be plain :class:`~metagrad.rules.SGD` (not learnable): gradient flow
+      has no update rule, so the rule's rate is ignored (``h`` and ``T`` set the inner loop);
+      any other rule raises ``ValueError`` naming it. ``learner.schedule.train_steps`` is ignored
+      (``K`` comes from ``T / h``); ``Schedule(per_step_loss=True)`` raises ``ValueError``.
+    * Per-task horizons (early stopping): ``T`` may be a tensor ``[tasks]`` or a callable
+      ``T(batch) -> float | Tensor[tasks]``. A stacked meta-batch then shares
+      ``K = round(max(T) / h)`` steps and task ``i`` uses the finer grid step ``T_i / K``
+      (its ODE is solved in the rescaled time ``t T_i / max(T)``), also with ``vectorize=False``
+      so that both modes use the same grids.
+    * ``vectorize=True`` integrates the whole meta-batch as ONE stacked ODE state (torchdiffeq's
+      solvers do not run under ``vmap``) whose right-hand side is ``vmap`` over tasks; the
+      adaptive step size is then shared, so stacked and per-task (``vectorize=False``) results
+      agree to the solver tolerance (exactly with ``forward="euler"``).
+    * ``aux["inner_loss"]`` is ``[tasks, K]``: the support loss at the grid states
+      ``t_0 .. t_{K-1}`` (the analogue of "before each step").
+    * Failure of the forward solve (non-finite state or gradient, step-size underflow, more than
+      ``max_steps`` solver steps) or a non-finite adjoint raises :class:`AdjointSolverError`
+      naming the task and the time reached.
+    * Memory: ``K + 1`` recorded states of the adapted parameters per task (``O(T/h d)``).
+
+    Args:
+        T: horizon of the gradient flow (float > 0, tensor ``[tasks]`` or callable, see above).
+        h: step of the recorded grid (and of the Euler / Heun steps).
+        solver: a torchdiffeq method name for ``forward="ode"`` (``"dopri5"``, ``"rk4"``, ...).
+        rtol, atol: tolerances of an adaptive solver.
+        forward: ``"ode"`` (torchdiffeq) or ``"euler"`` (fixed steps of ``h``).
+        backward: ``"heun"`` (modified Euler, the paper's) or ``"discrete"`` (exact adjoint of Euler).
+        max_steps: cap on the adaptive solver's steps (``options["max_num_steps"]``).
+        options: extra torchdiffeq ``options`` passed to ``odeint``.
+    """
+
+    first_order = False
+
+    def __init__(self, T: float | Tensor | Callable = 1.0, h: float = 0.01, *, solver: str = "dopri5",
+                 rtol: float = 1e-7, atol: float = 1e-9, forward: str = "ode", backward: str = "heun",
+                 max_steps: int = 100_000, options: dict | None = None):
+        if callable(T):
+            self.T = T
+        else:
+            self.T = self._check_T(T)
+        self.h = _positive(h, "h")
+        self.rtol = _positive(rtol, "rtol")
+        self.atol = _positive(atol, "atol")
+        if forward not in FORWARDS:
+            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+        if backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        self.forward, self.backward = forward, backward
+        if forward == "ode":
+            from torchdiffeq._impl.odeint import SOLVERS
+
+            if solver not in SOLVERS:
+                raise ValueError(f"unknown torchdiffeq solver {solver!r}; valid: {', '.join(sorted(SOLVERS))}")
+        self.solver = solver
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        self.max_steps = max_steps
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return (f"Adjoint(T={self.T!r}, h={self.h!r}, solver={self.solver!r}, rtol={self.rtol!r}, "
+                f"atol={self.atol!r}, forward={self.forward!r}, backward={self.backward!r})")
+
+    @staticmethod
+    def _check_T(T):
+        if isinstance(T, Tensor):
+            if T.dim() > 1 or not torch.isfinite(T).all() or not (T > 0).all():
+                raise ValueError(f"T must be positive and finite (a number or a tensor [tasks]), got {T!r}")
+            return T.detach()
+        return _positive(T, "T")
+
+    def horizons(self, batch, dtype=torch.float64) -> Tensor:
+        """The horizon of every task of ``batch`` as a tensor ``[tasks]``."""
+        T = self._check_T(self.T(batch)) if callable(self.T) else self.T
+        n = batch.num_tasks
+        if isinstance(T, Tensor):
+            T = T.to(dtype=dtype, device="cpu")
+            if T.dim() == 0:
+                T = T.expand(n)
+            if T.shape != (n,):
+                raise ValueError(f"T must hold one horizon per task ({n}), got shape {tuple(T.shape)}")
+            return T.clone()
+        return torch.full((n,), T, dtype=dtype)
+
+    # ------------------------------------------------------------------ engine hook
+    def batch_gradient(self, learner, meta_params, batch, vectorize: bool):
+        from ..rules import SGD
+
+        rule = learner.rule
+        if type(rule) is not SGD or rule.learnable:
+            raise ValueError(
+                f"Adjoint integrates plain gradient flow and needs the rule SGD (not learnable); got {rule!r}"
+            )
+        if learner.schedule.per_step_loss:
+            raise ValueError("Adjoint does not support Schedule(per_step_loss=True)")
+        T = self.horizons(batch)
+        K = max(1, round(float(T.max()) / self.h))
+        if vectorize:
+            grads, objective, aux = self._solve(learner, meta_params, batch, T, K, list(range(batch.num_tasks)))
+        else:
+            outs = []
+            for i in range(batch.num_tasks):
+                one = type(batch)(*(t[i:i + 1] for t in batch))
+                outs.append(self._solve(learner, meta_params, one, T[i:i + 1], K, [i]))
+            n = batch.num_tasks
+            grads = _tree_map(lambda *gs: sum(gs) / n, *(o[0] for o in outs))
+            objective = sum(o[1] for o in outs) / n
+            aux = {k: torch.cat([o[2][k] for o in outs]) for k in ("query_loss", "inner_loss")}
+        return grads, objective, aux
+
+    # ------------------------------------------------------------------ one stacked solve
+    def _solve(self, learner, meta_params, batch, T: Tensor, K: int, task_ids: list[int]):
+        names = learner.adapted_names
+        model_p = meta_params["model"]
+        theta = {n: model_p[n].detach() for n in names}
+        phi = {n: v.detach() for n, v in model_p.items() if n not in theta}
+        buffers = dict(learner.model.named_buffers())
+        sx, sy, qx, qy = batch
+        n_tasks = sx.shape[0]
+        ref = next(iter(theta.values()))
+        T = T.to(dtype=ref.dtype, device=ref.device)
+        t_max = float(T.max())
+        steps = T / K  # [tasks] per-task grid step (h when T is a multiple of h)
+        scale = T / t_max  # [tasks] time rescaling of the stacked ODE (1 for a shared T)
+
+        def loss_at(u, ph, x, y):
+            return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
+
+        # -------- forward: gradient flow, states recorded on the grid
+        u0 = {n: theta[n].expand(n_tasks, *theta[n].shape).clone() for n in names}
+        rhs_tasks = vmap(lambda u, ph, x, y, c: _scale(grad(loss_at)(u, ph, x, y), -c), in_dims=(0, None, 0, 0, 0))
+        try:
+            if self.forward == "euler":
+                states = [u0]
+                u = u0
+                for k in range(K):
+                    g = vmap(grad(loss_at), in_dims=(0, None, 0, 0))(u, phi, sx, sy)
+                    _check_tasks(g, k * t_max / K, "gradient")
+                    u = {n: u[n] - _bcast(steps, u[n]) * g[n] for n in names}
+                    _check_tasks(u, (k + 1) * t_max / K, "state")
+                    states.append(u)
+            else:
+                states = self._ode_forward(rhs_tasks, u0, names, phi, sx, sy, scale, t_max, K)
+        except _Failure as f:
+            task = task_ids[f.task]
+            time = f.time * float(scale[f.task])
+            raise AdjointSolverError(
+                f"adjoint forward solve failed for task {task} at t = {time:.6g} (horizon T = {float(T[f.task]):.6g}): "
+                f"{f.what} (try a smaller T, a smaller inner step h, or check the task's data)",
+                task=task, time=time,
+            ) from None
+        except _SolverAssert as e:
+            if n_tasks > 1:  # find a task that fails on its own
+                for i in range(n_tasks):
+                    one = type(batch)(*(t[i:i + 1] for t in batch))
+                    self._solve(learner, meta_params, one, T[i:i + 1], K, [task_ids[i]])
+            time = e.time * float(scale[0])
+            raise AdjointSolverError(
+                f"adjoint forward solve failed for task{'s' if n_tasks > 1 else ''} "
+                f"{task_ids if n_tasks > 1 else task_ids[0]} at t = {time:.6g} (horizon T = {float(T.max()):.6g}): "
+                f"torchdiffeq: {e.message} (try a smaller T, a looser tolerance, or check the task's data)",
+                task=task_ids[0], time=time,
+            ) from None
+
+        # -------- the query loss at u(T) and lambda(T)
+        (lam, g_phi), query = vmap(grad_and_value(loss_at, argnums=(0, 1)), in_dims=(0, None, 0, 0))(
+            states[K], phi, qx, qy
+        )
+
+        # -------- backward: the adjoint over the recorded states
+        def linearized(u, ph, x, y):
+            # (grad_u L, L) and the pullback v -> (H v, (d_phi grad_u L)^T v)
+            _, pull, loss = vjp(lambda uu, pp: grad_and_value(loss_at)(uu, pp, x, y), u, ph, has_aux=True)
+            return pull, loss
+
+        def hvp_task(u, ph, x, y, v):
+            pull, loss = linearized(u, ph, x, y)
+            hv, mv = pull(v)
+            return hv, mv, loss
+
+        def heun_task(u, ph, x, y, lam_next, hlam_next, hstep):
+            pull, loss = linearized(u, ph, x, y)
+            lam_tilde = {n: lam_next[n] - hstep * hlam_next[n] for n in names}
+            hl_tilde, _ = pull(lam_tilde)
+            lam_j = {n: lam_next[n] - 0.5 * hstep * (hlam_next[n] + hl_tilde[n]) for n in names}
+            hl_j, ml_j = pull(lam_j)
+            return lam_j, hl_j, ml_j, loss
+
+        losses = [None] * K
+        dims = (0, None, 0, 0, 0)
+        if self.backward == "heun":
+            hlam, mlam, _ = vmap(hvp_task, in_dims=dims)(states[K], phi, sx, sy, lam)
+            heun = vmap(heun_task, in_dims=dims + (0, 0))
+            for j in range(K - 1, -1, -1):
+                lam, hlam, mlam_j, losses[j] = heun(states[j], phi, sx, sy, lam, hlam, steps)
+                g_phi = {n: g_phi[n] - 0.5 * _bcast(steps, g_phi[n]) * (mlam[n] + mlam_j[n]) for n in phi}
+                mlam = mlam_j
+        else:
+            step_back = vmap(hvp_task, in_dims=dims)
+            for j in range(K - 1, -1, -1):
+                hlam, mlam, losses[j] = step_back(states[j], phi, sx, sy, lam)
+                lam = {n: lam[n] - _bcast(steps, lam[n]) * hlam[n] for n in names}
+                g_phi = {n: g_phi[n] - _bcast(steps, g_phi[n]) * mlam[n] for n in phi}
+        bad = ~torch.stack([torch.isfinite(v.reshape(n_tasks, -1)).all(1) for v in lam.values()]).all(0)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise AdjointSolverError(f"adjoint backward solve gave a non-finite meta-gradient for task {task_ids[i]} "
+                                     f"(integrating from t = {float(T[i]):.6g} back to 0)", task=task_ids[i], time=0.0)
+
+        per_task = {**lam, **g_phi}
+        grads = {
+            "model": {n: per_task[n].mean(0) for n in model_p},
+            "rule": {k: torch.zeros_like(v) for k, v in meta_params["rule"].items()},
+        }
+        aux = {"query_loss": query.detach(), "inner_loss": torch.stack(losses, 1).detach()}
+        return grads, query.mean().detach(), aux
+
+    def _ode_forward(self, rhs_tasks, u0, names, phi, sx, sy, scale, t_max, K):
+        from torchdiffeq import odeint
+
+        reached = [0.0]
+
+        def rhs(t, state):
+            u = dict(zip(names, state))
+            time = float(t)
+            _check_tasks(u, time, "state")
+            f = rhs_tasks(u, phi, sx, sy, scale)
+            _check_tasks(f, time, "gradient")
+            reached[0] = max(reached[0], time)
+            return tuple(f[n] for n in names)
+
+        ref = u0[names[0]]
+        grid = torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device)
+        options = {**self.options}
+        if self.solver in _ADAPTIVE:
+            options.setdefault("max_num_steps", self.max_steps)
+        try:
+            out = odeint(rhs, tuple(u0[n] for n in names), grid, rtol=self.rtol, atol=self.atol,
+                         method=self.solver, options=options)
+        except AssertionError as e:  # torchdiffeq asserts on dt underflow and max_num_steps
+            raise _SolverAssert(str(e), reached[0]) from None
+        out = [o.detach() for o in out]
+        states = [{n: o[j] for n, o in zip(names, out)} for j in range(K + 1)]
+        _check_tasks(states[K], t_max, "state")
+        return states
+
+
+_ADAPTIVE = {"dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"}
+
+
+def _positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _scale(tree: dict, c) -> dict:
+    return {k: c * v for k, v in tree.items()}
+
+
+def _bcast(per_task: Tensor, like: Tensor) -> Tensor:
+    """``[tasks]`` -> ``[tasks, 1, ..., 1]`` to broadcast against ``like``."""
+    return per_task.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _check_tasks(tree: dict, time: float, what: str) -> None:
+    """Raise ``_Failure`` for the first task with a non-finite entry in ``tree`` (leading dim = tasks)."""
+    ok = None
+    for v in tree.values():
+        fin = torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+        ok = fin if ok is None else ok & fin
+    if ok is not None and not bool(ok.all()):
+        task = int((~ok).nonzero()[0])
+        raise _Failure(task, time, f"non-finite {what}")
