@@ -5,7 +5,7 @@ the meta-gradient and the schedule. :class:`MetaLearner` composes them.
 """
 from .core import MetaLearner, TaskModel
 from .gradients import (
-    Adjoint, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
+    Adjoint, AdjointSolverError, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
 )
 from .learners import LinNet, select_adapted
 from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MetaLearner", "TaskModel", "Schedule", "TaskBatch",
     "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
-    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "Implicit", "Checkpointed",
+    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "make_meta_gradient",
     "select_adapted", "LinNet",
     "Sinusoid", "LinearRegression1D", "LogisticRegression2D",

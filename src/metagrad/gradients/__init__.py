@@ -1,6 +1,6 @@
 """Meta-gradients: how d(query loss)/d(initialization) is computed. ``make_meta_gradient(name)``."""
 from .._registry import Registry
-from .adjoint import Adjoint
+from .adjoint import Adjoint, AdjointSolverError
 from .base import MetaGradient
 from .checkpointed import Checkpointed
 from .implicit import Implicit
@@ -23,6 +23,6 @@ def make_meta_gradient(name: str, **kwargs) -> MetaGradient:
 
 
 __all__ = [
-    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "Implicit", "Checkpointed",
+    "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "META_GRADIENTS", "make_meta_gradient",
 ]
