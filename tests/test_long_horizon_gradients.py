@@ -1,0 +1,418 @@
+"""Long-horizon meta-gradients: Adjoint (A-MAML), Implicit (iMAML), Checkpointed unrolling.
+
+References, all float64 and computed without the method under test:
+
+* linear regression (one ``nn.Linear`` layer, MSE): the support loss is quadratic with constant
+  Hessian ``H``, so gradient flow is ``u(T) = u* + exp(-H T)(theta - u*)`` and the meta-gradient is
+  ``exp(-H T) grad J(u(T))`` (``torch.linalg.matrix_exp``); the proximal optimum and iMAML's
+  gradient ``(I + H/lam)^{-1} grad J(u*)`` are linear solves;
+* a tiny tanh MLP: ``Unrolled`` (the engine's autograd through the inner loop) for the adjoint of
+  Euler steps, the exact Hessian from ``torch.autograd.functional.hessian`` at a Newton-solved
+  proximal optimum for iMAML, ``torch.autograd.gradcheck`` of the meta-loss for checkpointing.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import metagrad as mg
+from metagrad import MetaLearner, Schedule, TaskBatch
+from metagrad.metrics import mse
+
+DT = torch.float64
+D = 3  # input features of the linear-regression model (D + 1 parameters)
+
+
+# ---------------------------------------------------------------- fixtures
+def linreg_batch(tasks: int = 3, shots: int = 8, queries: int = 6, seed: int = 0) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(tasks, D, 1, generator=g, dtype=DT)
+    sx = torch.randn(tasks, shots, D, generator=g, dtype=DT)
+    qx = torch.randn(tasks, queries, D, generator=g, dtype=DT)
+    sy = sx @ w + 0.3 * torch.randn(tasks, shots, 1, generator=g, dtype=DT)
+    qy = qx @ w + 0.3 * torch.randn(tasks, queries, 1, generator=g, dtype=DT)
+    return TaskBatch(sx, sy, qx, qy)
+
+
+def linreg_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(D, 1).to(DT)
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+
+
+def mlp_batch(tasks: int = 3, seed: int = 1) -> TaskBatch:
+    g = torch.Generator().manual_seed(seed)
+    return TaskBatch(*(torch.randn(tasks, 5, 1, generator=g, dtype=DT) for _ in range(4)))
+
+
+def flat(grads: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in grads["model"].values()])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def augmented(x):
+    return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=DT)], -1)  # [n, D + 1]: u = (w, b)
+
+
+def quadratic(x, y):
+    """MSE of the linear model as ``1/2 u^T H u - c^T u + const``: returns (H, c)."""
+    xa = augmented(x)
+    n = x.shape[0]
+    return 2.0 / n * xa.T @ xa, 2.0 / n * xa.T @ y[:, 0]
+
+
+def grad_mse(x, y, u):
+    xa = augmented(x)
+    return 2.0 / x.shape[0] * xa.T @ (xa @ u - y[:, 0])
+
+
+def theta_of(model) -> torch.Tensor:
+    return torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+
+
+def flow_meta_gradient(theta, batch, T) -> torch.Tensor:
+    """Closed form: mean over tasks of ``exp(-H T) grad J(u(T))``."""
+    T = torch.as_tensor(T, dtype=DT).expand(batch.num_tasks)
+    total = 0
+    for i in range(batch.num_tasks):
+        H, c = quadratic(batch.support_x[i], batch.support_y[i])
+        u_star = torch.linalg.solve(H, c)
+        E = torch.linalg.matrix_exp(-H * T[i])
+        u_T = u_star + E @ (theta - u_star)
+        total = total + E @ grad_mse(batch.query_x[i], batch.query_y[i], u_T)
+    return total / batch.num_tasks
+
+
+def imaml_meta_gradient(theta, batch, lam) -> torch.Tensor:
+    """Closed form: mean over tasks of ``(I + H/lam)^{-1} grad J(u*)``, ``u* = (H + lam I)^{-1}(c + lam theta)``."""
+    eye = torch.eye(D + 1, dtype=DT)
+    total = 0
+    for i in range(batch.num_tasks):
+        H, c = quadratic(batch.support_x[i], batch.support_y[i])
+        u_star = torch.linalg.solve(H + lam * eye, c + lam * theta)
+        total = total + torch.linalg.solve(eye + H / lam, grad_mse(batch.query_x[i], batch.query_y[i], u_star))
+    return total / batch.num_tasks
+
+
+def max_diff(g1, g2) -> float:
+    return max((g1[a][k] - g2[a][k]).abs().max().item() for a in g1 for k in g1[a]) if any(g1.values()) else 0.0
+
+
+# ---------------------------------------------------------------- registration / validation
+def test_names_registered_and_exported():
+    assert isinstance(mg.make_meta_gradient("adjoint", T=0.5, h=0.1), mg.Adjoint)
+    assert isinstance(mg.make_meta_gradient("implicit", lam=2.0), mg.Implicit)
+    assert isinstance(mg.make_meta_gradient("checkpointed", segments=3), mg.Checkpointed)
+    with pytest.raises(ValueError, match="adjoint.*checkpointed|checkpointed.*implicit"):
+        mg.make_meta_gradient("imaml")
+
+
+def test_invalid_options_raise_with_the_value():
+    with pytest.raises(ValueError, match="-1"):
+        mg.Adjoint(T=-1.0)
+    with pytest.raises(ValueError, match="'rk45'"):
+        mg.Adjoint(solver="rk45")
+    with pytest.raises(ValueError, match="'backprop'"):
+        mg.Adjoint(backward="backprop")
+    with pytest.raises(ValueError, match="0"):
+        mg.Implicit(lam=0.0)
+    with pytest.raises(ValueError, match="-2"):
+        mg.Implicit(cg_steps=-2)
+    with pytest.raises(ValueError, match="0"):
+        mg.Checkpointed(segments=0)
+    b = linreg_batch()
+    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=torch.ones(2), h=0.5))
+    with pytest.raises(ValueError, match="one horizon per task"):
+        learner.meta_gradient_of(b)
+
+
+@pytest.mark.parametrize("rule", [mg.MetaSGD(0.1), mg.SGD(0.1, learnable=True)])
+def test_adjoint_needs_plain_sgd_and_names_the_rule(rule):
+    learner = MetaLearner(linreg_model(), mse, rule=rule, meta_gradient=mg.Adjoint(T=0.2, h=0.1))
+    with pytest.raises(ValueError, match=type(rule).__name__):
+        learner.meta_gradient_of(linreg_batch())
+    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=0.2, h=0.1),
+                          schedule=Schedule(2, per_step_loss=True))
+    with pytest.raises(ValueError, match="per_step_loss"):
+        learner.meta_gradient_of(linreg_batch())
+
+
+# ---------------------------------------------------------------- adjoint: closed form of gradient flow
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_adjoint_matches_gradient_flow_closed_form(vectorize):
+    b = linreg_batch()
+    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=1.0, h=0.01, rtol=1e-10, atol=1e-12))
+    grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
+    ref = flow_meta_gradient(theta_of(learner.model), b, 1.0)
+    assert rel(flat(grads), ref) < 1e-4
+    assert stats["inner_loss"].shape == (3, 100) and stats["query_loss"].shape == (3,)
+    assert torch.isfinite(stats["inner_loss"]).all()
+    assert (stats["inner_loss"][:, -1] < stats["inner_loss"][:, 0]).all()  # the flow descends
+
+
+def test_adjoint_heun_error_is_second_order_in_h():
+    b = linreg_batch()
+    model = linreg_model()
+    ref = flow_meta_gradient(theta_of(model), b, 1.0)
+    errors = []
+    for h in (0.05, 0.025):
+        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=mg.Adjoint(T=1.0, h=h, rtol=1e-11, atol=1e-13))
+        errors.append(rel(flat(learner.meta_gradient_of(b)[0]), ref))
+    assert errors[1] < errors[0]
+    assert 3.6 < errors[0] / errors[1] < 4.4, errors
+
+
+def test_adjoint_per_task_horizon_tensor_and_callable():
+    b = linreg_batch()
+    T = torch.tensor([0.5, 1.0, 0.25], dtype=DT)
+    model = linreg_model()
+    ref = flow_meta_gradient(theta_of(model), b, T)
+    for spec, vectorize in ((T, True), (T, False), (lambda batch: T[: batch.num_tasks], True)):
+        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=mg.Adjoint(T=spec, h=0.01, rtol=1e-10, atol=1e-12))
+        grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
+        assert rel(flat(grads), ref) < 1e-4
+        assert stats["inner_loss"].shape == (3, 100)  # K = round(max T / h) steps for every task
+
+
+def test_adjoint_stacked_and_loop_agree():
+    b = mlp_batch()
+    for adapt in ("all", "head"):
+        learner = MetaLearner(mlp(), mse, adapt=adapt, meta_gradient=mg.Adjoint(T=0.5, h=0.05, rtol=1e-10, atol=1e-12))
+        g_stack, s_stack = learner.meta_gradient_of(b, vectorize=True)
+        g_loop, s_loop = learner.meta_gradient_of(b, vectorize=False)
+        assert rel(flat(g_stack), flat(g_loop)) < 1e-7
+        assert torch.allclose(s_stack["inner_loss"], s_loop["inner_loss"], rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------- adjoint: discrete adjoint == unrolled
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize):
+    h, K = 0.1, 6
+    b = mlp_batch()
+    ref = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(h), meta_gradient="unrolled", schedule=Schedule(K))
+    adj = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(0.7),  # the rule's rate is ignored
+                      meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler", backward="discrete"))
+    g_ref, s_ref = ref.meta_gradient_of(b)
+    g_adj, s_adj = adj.meta_gradient_of(b, vectorize=vectorize)
+    assert max_diff(g_ref, g_adj) < 1e-10
+    assert torch.allclose(s_ref["inner_loss"], s_adj["inner_loss"], rtol=0, atol=1e-12)
+    assert torch.allclose(s_ref["query_loss"], s_adj["query_loss"], rtol=0, atol=1e-12)
+
+
+def test_adjoint_euler_heun_approaches_discrete_adjoint_for_the_linear_model():
+    # with Euler forward and a constant Hessian, Heun's backward differs from the exact discrete
+    # adjoint (I - hH)^K only by O(h): check it against the matrix power directly
+    h, K = 0.05, 10
+    b = linreg_batch(tasks=1)
+    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler"))
+    theta = theta_of(learner.model)
+    H, c = quadratic(b.support_x[0], b.support_y[0])
+    u = theta.clone()
+    for _ in range(K):
+        u = u - h * (H @ u - c)
+    gJ = grad_mse(b.query_x[0], b.query_y[0], u)
+    eye = torch.eye(D + 1, dtype=DT)
+    heun = torch.linalg.matrix_power(eye - h * H + 0.5 * h * h * H @ H, K) @ gJ
+    assert rel(flat(learner.meta_gradient_of(b)[0]), heun) < 1e-12
+
+
+# ---------------------------------------------------------------- adjoint: failures
+@pytest.mark.parametrize("forward", ["ode", "euler"])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_adjoint_non_finite_support_target_names_task_and_time(forward, vectorize):
+    b = linreg_batch()
+    b.support_y[1, 2] = float("nan")
+    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=1.0, h=0.1, forward=forward))
+    with pytest.raises(mg.AdjointSolverError, match=r"task 1 at t = 0\b") as info:
+        learner.meta_gradient_of(b, vectorize=vectorize)
+    assert info.value.task == 1 and info.value.time == 0.0
+
+
+def test_adjoint_blow_up_names_task_and_time_reached():
+    # gradient ascent on a quartic blows up in finite time
+    b = linreg_batch(tasks=2)
+    blow = lambda p, y: -((p - y) ** 4).mean()  # noqa: E731
+    learner = MetaLearner(linreg_model(), blow, meta_gradient=mg.Adjoint(T=5.0, h=0.1, forward="euler"))
+    with pytest.raises(mg.AdjointSolverError, match=r"task \d at t = [0-9.]+ \(horizon T = 5\)") as info:
+        learner.meta_gradient_of(b)
+    assert 0 < info.value.time < 5
+    learner = MetaLearner(linreg_model(), blow, meta_gradient=mg.Adjoint(T=5.0, h=0.1, max_steps=30))
+    with pytest.raises(mg.AdjointSolverError, match=r"task 0 at t = [0-9.]+.*max_num_steps") as info:
+        learner.meta_gradient_of(b, vectorize=False)
+    assert 0 < info.value.time < 5
+
+
+# ---------------------------------------------------------------- implicit
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("inner", ["gd", "rule"])
+def test_implicit_matches_closed_form_on_linear_regression(inner, vectorize):
+    lam = 1.5
+    b = linreg_batch()
+    if inner == "gd":
+        method = mg.Implicit(lam, inner_steps=400, inner_lr=0.1, cg_steps=D + 1)
+        learner = MetaLearner(linreg_model(), mse, meta_gradient=method)
+    else:  # the learner's own rule on the proximal gradient; its state gets a zero meta-gradient
+        learner = MetaLearner(linreg_model(), mse, rule=mg.MetaSGD(0.1), schedule=Schedule(400),
+                              meta_gradient=mg.Implicit(lam, cg_steps=D + 1))
+    grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
+    ref = imaml_meta_gradient(theta_of(learner.model), b, lam)
+    assert rel(flat(grads), ref) < 1e-9
+    assert stats["inner_loss"].shape == (3, 400)
+    assert all((g == 0).all() for g in grads["rule"].values())
+
+
+def test_implicit_cg_is_exact_at_dimension_steps_and_stays_finite_beyond():
+    lam = 0.5
+    b = linreg_batch()
+    out = {}
+    for steps in (D + 1, 3 * (D + 1)):
+        learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Implicit(lam, inner_steps=600, inner_lr=0.1,
+                                                                             cg_steps=steps))
+        out[steps] = flat(learner.meta_gradient_of(b)[0])
+    ref = imaml_meta_gradient(theta_of(linreg_model()), b, lam)
+    assert rel(out[D + 1], ref) < 1e-8 and rel(out[3 * (D + 1)], ref) < 1e-8
+    # damping solves the shifted system ((1 + d) I + H/lam) v = g
+    d = 0.3
+    learner = MetaLearner(linreg_model(), mse,
+                          meta_gradient=mg.Implicit(lam, inner_steps=600, inner_lr=0.1, cg_steps=D + 1, damping=d))
+    theta = theta_of(learner.model)
+    total = 0
+    for i in range(b.num_tasks):
+        H, c = quadratic(b.support_x[i], b.support_y[i])
+        eye = torch.eye(D + 1, dtype=DT)
+        u_star = torch.linalg.solve(H + lam * eye, c + lam * theta)
+        total = total + torch.linalg.solve((1 + d) * eye + H / lam, grad_mse(b.query_x[i], b.query_y[i], u_star))
+    assert rel(flat(learner.meta_gradient_of(b)[0]), total / b.num_tasks) < 1e-8
+
+
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_implicit_matches_exact_hessian_reference_on_tanh_mlp(adapt):
+    from torch.func import functional_call
+
+    lam = 5.0
+    b = mlp_batch(tasks=2)
+    learner = MetaLearner(mlp(), mse, adapt=adapt,
+                          meta_gradient=mg.Implicit(lam, inner_steps=150, inner_lr=0.1, cg_steps=40))
+    grads, _ = learner.meta_gradient_of(b)
+    names = [n for n, _ in learner.model.named_parameters()]
+    p0 = {n: p.detach() for n, p in learner.model.named_parameters()}
+    sizes = [p0[n].numel() for n in names]
+    mask = torch.cat([torch.full((s,), n in learner.adapted_names) for n, s in zip(names, sizes)])
+    theta = torch.cat([p0[n].reshape(-1) for n in names])
+
+    def unflat(f):
+        return {n: t.view_as(p0[n]) for n, t in zip(names, f.split(sizes))}
+
+    ref = 0
+    for i in range(b.num_tasks):
+        sx, sy, qx, qy = (z[i] for z in b)
+        train = lambda f: mse(functional_call(learner.model, unflat(f), (sx,)), sy)  # noqa: E731
+        val = lambda f: mse(functional_call(learner.model, unflat(f), (qx,)), qy)  # noqa: E731
+        f = theta.clone()
+        for _ in range(12):  # Newton on the proximal objective over the adapted entries
+            H = torch.autograd.functional.hessian(train, f)
+            g = torch.autograd.functional.jacobian(train, f) + lam * (f - theta)
+            f = f.clone()
+            f[mask] -= torch.linalg.solve(H[mask][:, mask] + lam * torch.eye(int(mask.sum()), dtype=DT), g[mask])
+        H = torch.autograd.functional.hessian(train, f)
+        gJ = torch.autograd.functional.jacobian(val, f)
+        huu, hpu = H[mask][:, mask], H[~mask][:, mask]
+        v = torch.linalg.solve(torch.eye(len(huu), dtype=DT) + huu / lam, gJ[mask])
+        full = torch.empty_like(theta)
+        full[mask] = v
+        full[~mask] = gJ[~mask] - hpu @ v / lam  # non-adapted body: mixed second derivative
+        ref = ref + full / b.num_tasks
+    assert rel(flat(grads), ref) < 1e-9
+
+
+# ---------------------------------------------------------------- checkpointed
+RULES = {"sgd": lambda: mg.SGD(0.3), "sgd-learnable": lambda: mg.SGD(0.3, learnable=True),
+         "meta-sgd": lambda: mg.MetaSGD(0.3)}
+CASES = [  # (rule, adapt, K, segments, per_step_loss)
+    ("sgd", "all", 1, None, False), ("sgd", "all", 5, None, False), ("sgd", "all", 9, 2, False),
+    ("sgd", "head", 9, 3, False), ("sgd", "all", 7, 7, True), ("sgd", "all", 4, 100, False),
+    ("sgd-learnable", "all", 6, 4, False), ("sgd-learnable", "head", 5, None, True),
+    ("meta-sgd", "all", 8, None, False), ("meta-sgd", "head", 8, 3, False), ("meta-sgd", "all", 5, 2, True),
+    ("sgd", "all", 0, None, False),
+]
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("rule,adapt,K,segments,per_step", CASES)
+def test_checkpointed_equals_unrolled(rule, adapt, K, segments, per_step, vectorize):
+    b = mlp_batch()
+    ref = MetaLearner(mlp(), mse, adapt=adapt, rule=RULES[rule](), schedule=Schedule(K, per_step_loss=per_step))
+    ck = MetaLearner(mlp(), mse, adapt=adapt, rule=RULES[rule](), schedule=Schedule(K, per_step_loss=per_step),
+                     meta_gradient=mg.Checkpointed(segments))
+    ck.load_state_dict(ref.state_dict())
+    g_ref, s_ref = ref.meta_gradient_of(b, vectorize=vectorize)
+    g_ck, s_ck = ck.meta_gradient_of(b, vectorize=vectorize)
+    assert max_diff(g_ref, g_ck) < 1e-12
+    for key in s_ref:
+        assert torch.allclose(s_ref[key], s_ck[key], rtol=0, atol=1e-12), key
+
+
+def test_checkpointed_equals_unrolled_for_a_rule_that_adapts_its_state():
+    b = mlp_batch()
+    kw = dict(rule=mg.MetaKFO(0.3, adapt_state=True), schedule=Schedule(5))
+    ref = MetaLearner(mlp(), mse, **kw)
+    ck = MetaLearner(mlp(), mse, meta_gradient=mg.Checkpointed(2), **kw)
+    ck.load_state_dict(ref.state_dict())
+    assert max_diff(ref.meta_gradient_of(b)[0], ck.meta_gradient_of(b)[0]) < 1e-12
+
+
+def test_checkpointed_segments_are_about_sqrt_k():
+    assert mg.Checkpointed().bounds(16) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert len(mg.Checkpointed().bounds(100)) == 10
+    assert mg.Checkpointed(3).bounds(7) == [(0, 3), (3, 6), (6, 7)]
+    assert mg.Checkpointed(50).bounds(4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert mg.Checkpointed().bounds(0) == []
+
+
+class _MetaLoss(torch.autograd.Function):
+    """The meta-loss as a function of the flat initialization, with the checkpointed gradient as backward."""
+
+    @staticmethod
+    def forward(ctx, flat_params, learner, batch):
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat_params, learner.model.parameters())
+        grads, stats = learner.meta_gradient_of(batch)
+        ctx.save_for_backward(flat(grads))
+        return stats["meta_objective"].clone()
+
+    @staticmethod
+    def backward(ctx, out_grad):
+        (g,) = ctx.saved_tensors
+        return out_grad * g, None, None
+
+
+@pytest.mark.parametrize("rule,adapt", [("sgd", "all"), ("meta-sgd", "head")])
+def test_checkpointed_gradcheck_of_the_meta_loss(rule, adapt):
+    b = mlp_batch(tasks=2)
+    learner = MetaLearner(mlp(), mse, adapt=adapt, rule=RULES[rule](), schedule=Schedule(6),
+                          meta_gradient=mg.Checkpointed(2))
+    x = torch.nn.utils.parameters_to_vector(learner.model.parameters()).detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: _MetaLoss.apply(p, learner, b), (x,), eps=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- all three train
+@pytest.mark.parametrize("method", [mg.Adjoint(T=0.3, h=0.1), mg.Implicit(2.0, inner_steps=5, cg_steps=3),
+                                   mg.Checkpointed()])
+def test_meta_step_runs(method):
+    b = mlp_batch()
+    learner = MetaLearner(mlp(), mse, rule=mg.SGD(0.1), schedule=Schedule(4), meta_gradient=method)
+    before = torch.nn.utils.parameters_to_vector(learner.parameters()).detach().clone()
+    stats = learner.meta_step(b, torch.optim.SGD(learner.parameters(), lr=0.1))
+    after = torch.nn.utils.parameters_to_vector(learner.parameters()).detach()
+    assert torch.isfinite(stats["meta_objective"]) and not torch.equal(before, after)
