@@ -157,8 +157,8 @@ def test_nrmse_matches_numpy():
 
 
 TINY = ["quick=true", "train.iterations=3", "train.eval_every=3", "train.log_every=1", "long_steps=[6]",
-        "maml_steps=[2]", "val_steps=3", "eval_steps=[0,1,4]", "eval_chunk=30", "methods=[\"maml-1\",\"fomaml\"]",
-        "pool_size=40"]
+        "maml_steps=[2]", "val_steps=3", "eval_steps=[0,1,4]", "eval_chunk=30",
+        'methods=["maml-1","fomaml","a-maml","imaml"]', "pool_size=40"]
 
 
 def test_quick_run_writes_report_and_step0_nrmse_is_direct(tmp_path):
@@ -167,7 +167,10 @@ def test_quick_run_writes_report_and_step0_nrmse_is_direct(tmp_path):
     assert "FOMAML" in (tmp_path / "amaml_regression.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(s))
     rows = s["panels"]["cosmixture-50shot"]
-    assert set(rows) == {"maml-1", "fomaml"} and rows["fomaml"]["train_steps"] == 6
+    assert set(rows) == {"maml-1", "fomaml", "a-maml", "imaml"} and rows["fomaml"]["train_steps"] == 6
+    # the registry's A-MAML and iMAML plug in with their options: T = h * long steps
+    assert rows["a-maml"]["meta_gradient"] == "adjoint" and rows["a-maml"]["options"] == {"T": 0.06, "h": 0.01}
+    assert rows["imaml"]["options"] == {"lam": 1.0, "cg_steps": 5}
     for method, r in rows.items():
         assert len(r["nrmse_mean"]) == 3 and r["final_nrmse_mean"] == r["nrmse_mean"][-1] and r["test_tasks"] == 40
         # step 0: the learned initialization itself, evaluated directly with numpy
