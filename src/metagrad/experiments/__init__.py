@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .._registry import Registry
 from .amaml_regression import AmamlRegression
+from .arnold_vision import ArnoldDepth, ArnoldTable1, ArnoldTable2, ArnoldTable3
 from .base import Experiment, Variant, evaluate_run, run
 from .linnet_collapse import LinnetCollapse
 from .linreg_depth import LinregDepth
@@ -12,7 +13,8 @@ from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (AmamlRegression, LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment):
+for _cls in (AmamlRegression, ArnoldTable1, ArnoldTable2, ArnoldTable3, ArnoldDepth,
+             LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment):
     EXPERIMENTS.register(_cls.name, _cls)
 
 
