@@ -151,7 +151,9 @@ def test_adjoint_needs_plain_sgd_and_names_the_rule(rule):
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_adjoint_matches_gradient_flow_closed_form(vectorize):
     b = linreg_batch()
-    learner = MetaLearner(linreg_model(), mse, meta_gradient=mg.Adjoint(T=1.0, h=0.01, rtol=1e-10, atol=1e-12))
+    segments = None if vectorize else 1  # recomputed segments (stacked) / every state recorded (loop)
+    learner = MetaLearner(linreg_model(), mse,
+                          meta_gradient=mg.Adjoint(T=1.0, h=0.01, rtol=1e-10, atol=1e-12, segments=segments))
     grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
     ref = flow_meta_gradient(theta_of(learner.model), b, 1.0)
     assert rel(flat(grads), ref) < 1e-4
@@ -166,7 +168,8 @@ def test_adjoint_heun_error_is_second_order_in_h():
     ref = flow_meta_gradient(theta_of(model), b, 1.0)
     errors = []
     for h in (0.05, 0.025):
-        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=mg.Adjoint(T=1.0, h=h, rtol=1e-11, atol=1e-13))
+        learner = MetaLearner(copy.deepcopy(model), mse,
+                              meta_gradient=mg.Adjoint(T=1.0, h=h, rtol=1e-11, atol=1e-13, segments=1))
         errors.append(rel(flat(learner.meta_gradient_of(b)[0]), ref))
     assert errors[1] < errors[0]
     assert 3.6 < errors[0] / errors[1] < 4.4, errors
@@ -178,31 +181,48 @@ def test_adjoint_per_task_horizon_tensor_and_callable():
     model = linreg_model()
     ref = flow_meta_gradient(theta_of(model), b, T)
     for spec, vectorize in ((T, True), (T, False), (lambda batch: T[: batch.num_tasks], True)):
-        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=mg.Adjoint(T=spec, h=0.01, rtol=1e-10, atol=1e-12))
+        method = mg.Adjoint(T=spec, h=0.01, rtol=1e-10, atol=1e-12, segments=None if vectorize else 1)
+        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=method)
         grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
         assert rel(flat(grads), ref) < 1e-4
         assert stats["inner_loss"].shape == (3, 100)  # K = round(max T / h) steps for every task
 
 
 def test_adjoint_stacked_and_loop_agree():
+    # (Euler forward: exactly, see test_adjoint_euler_discrete_equals_unrolled)
     b = mlp_batch()
-    for adapt in ("all", "head"):
-        learner = MetaLearner(mlp(), mse, adapt=adapt, meta_gradient=mg.Adjoint(T=0.5, h=0.05, rtol=1e-10, atol=1e-12))
-        g_stack, s_stack = learner.meta_gradient_of(b, vectorize=True)
-        g_loop, s_loop = learner.meta_gradient_of(b, vectorize=False)
-        assert rel(flat(g_stack), flat(g_loop)) < 1e-7
-        assert torch.allclose(s_stack["inner_loss"], s_loop["inner_loss"], rtol=1e-8, atol=1e-10)
+    learner = MetaLearner(mlp(), mse, adapt="head", meta_gradient=mg.Adjoint(T=0.5, h=0.05, rtol=1e-10, atol=1e-12))
+    g_stack, s_stack = learner.meta_gradient_of(b, vectorize=True)
+    g_loop, s_loop = learner.meta_gradient_of(b, vectorize=False)
+    assert rel(flat(g_stack), flat(g_loop)) < 1e-7
+    assert torch.allclose(s_stack["inner_loss"], s_loop["inner_loss"], rtol=1e-8, atol=1e-10)
+
+
+def test_adjoint_recomputed_segments_match_recording_every_state():
+    # segments=1 records all K + 1 grid states; more segments keep only the boundaries and
+    # re-solve each segment in the backward pass: equal up to the solver tolerance
+    b = mlp_batch()
+    out = {}
+    for segments in (1, 3, None):
+        learner = MetaLearner(mlp(), mse, adapt="head",
+                              meta_gradient=mg.Adjoint(T=0.6, h=0.05, rtol=1e-10, atol=1e-12, segments=segments))
+        out[segments] = learner.meta_gradient_of(b)
+    for segments in (3, None):
+        assert rel(flat(out[segments][0]), flat(out[1][0])) < 1e-8
+        assert torch.allclose(out[segments][1]["inner_loss"], out[1][1]["inner_loss"], rtol=1e-8, atol=1e-10)
 
 
 # ---------------------------------------------------------------- adjoint: discrete adjoint == unrolled
+@pytest.mark.parametrize("segments", [None, 1, 4])
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("adapt", ["all", "head"])
-def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize):
+def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments):
     h, K = 0.1, 6
     b = mlp_batch()
     ref = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(h), meta_gradient="unrolled", schedule=Schedule(K))
     adj = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(0.7),  # the rule's rate is ignored
-                      meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler", backward="discrete"))
+                      meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler", backward="discrete",
+                                               segments=segments))
     g_ref, s_ref = ref.meta_gradient_of(b)
     g_adj, s_adj = adj.meta_gradient_of(b, vectorize=vectorize)
     assert max_diff(g_ref, g_adj) < 1e-10

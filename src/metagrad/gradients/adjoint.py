@@ -82,7 +82,14 @@ class Adjoint(MetaGradient):
     * Failure of the forward solve (non-finite state or gradient, step-size underflow, more than
       ``max_steps`` solver steps) or a non-finite adjoint raises :class:`AdjointSolverError`
       naming the task and the time reached.
-    * Memory: ``K + 1`` recorded states of the adapted parameters per task (``O(T/h d)``).
+    * Memory: the forward solve keeps the states at the ``segments + 1`` segment boundaries only
+      (default ``segments = round(sqrt(K))``); the backward pass re-solves the forward flow over
+      one segment at a time from its first state (the grid states of that segment, then the
+      adjoint steps through them), so at most ``O(sqrt K)`` parameter-sized states per task are
+      alive, for one extra forward solve. ``segments=1`` records all ``K + 1`` grid states in
+      one solve (the paper's ``O(T/h d)``, no recomputation). With ``forward="euler"`` the
+      recomputed states are bitwise the first ones; with an adaptive solver they agree to its
+      tolerance.
 
     Args:
         T: horizon of the gradient flow (float > 0, tensor ``[tasks]`` or callable, see above).
@@ -91,7 +98,9 @@ class Adjoint(MetaGradient):
         rtol, atol: tolerances of an adaptive solver.
         forward: ``"ode"`` (torchdiffeq) or ``"euler"`` (fixed steps of ``h``).
         backward: ``"heun"`` (modified Euler, the paper's) or ``"discrete"`` (exact adjoint of Euler).
-        max_steps: cap on the adaptive solver's steps (``options["max_num_steps"]``).
+        segments: number of recomputed segments of the grid (``None``: ``round(sqrt(K))``;
+            ``1``: record every grid state, no recomputation).
+        max_steps: cap on the adaptive solver's steps per solve (``options["max_num_steps"]``).
         options: extra torchdiffeq ``options`` passed to ``odeint``.
     """
 
@@ -99,7 +108,7 @@ class Adjoint(MetaGradient):
 
     def __init__(self, T: float | Tensor | Callable = 1.0, h: float = 0.01, *, solver: str = "dopri5",
                  rtol: float = 1e-7, atol: float = 1e-9, forward: str = "ode", backward: str = "heun",
-                 max_steps: int = 100_000, options: dict | None = None):
+                 segments: int | None = None, max_steps: int = 100_000, options: dict | None = None):
         if callable(T):
             self.T = T
         else:
@@ -121,11 +130,14 @@ class Adjoint(MetaGradient):
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.max_steps = max_steps
+        if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
+            raise ValueError(f"segments must be a positive integer or None, got {segments!r}")
+        self.segments = segments
         self.options = dict(options or {})
 
     def __repr__(self) -> str:
         return (f"Adjoint(T={self.T!r}, h={self.h!r}, solver={self.solver!r}, rtol={self.rtol!r}, "
-                f"atol={self.atol!r}, forward={self.forward!r}, backward={self.backward!r})")
+                f"atol={self.atol!r}, forward={self.forward!r}, backward={self.backward!r}, segments={self.segments!r})")
 
     @staticmethod
     def _check_T(T):
@@ -192,21 +204,83 @@ class Adjoint(MetaGradient):
         def loss_at(u, ph, x, y):
             return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
 
-        # -------- forward: gradient flow, states recorded on the grid
+        def linearized(u, ph, x, y):
+            # (grad_u L, L) and the pullback v -> (H v, (d_phi grad_u L)^T v)
+            _, pull, loss = vjp(lambda uu, pp: grad_and_value(loss_at)(uu, pp, x, y), u, ph, has_aux=True)
+            return pull, loss
+
+        def hvp_task(u, ph, x, y, v):
+            pull, loss = linearized(u, ph, x, y)
+            hv, mv = pull(v)
+            return hv, mv, loss
+
+        def heun_task(u, ph, x, y, lam_next, hlam_next, hstep):
+            pull, loss = linearized(u, ph, x, y)
+            lam_tilde = {n: lam_next[n] - hstep * hlam_next[n] for n in names}
+            hl_tilde, _ = pull(lam_tilde)
+            lam_j = {n: lam_next[n] - 0.5 * hstep * (hlam_next[n] + hl_tilde[n]) for n in names}
+            hl_j, ml_j = pull(lam_j)
+            return lam_j, hl_j, ml_j, loss
+
+        # -------- forward: gradient flow; keep the states at the segment boundaries only
         u0 = {n: theta[n].expand(n_tasks, *theta[n].shape).clone() for n in names}
+        grid = torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device)
         rhs_tasks = vmap(lambda u, ph, x, y, c: _scale(grad(loss_at)(u, ph, x, y), -c), in_dims=(0, None, 0, 0, 0))
-        try:
+        grad_tasks = vmap(grad(loss_at), in_dims=(0, None, 0, 0))
+
+        def integrate(start: dict, lo: int, keep: list[int]) -> dict[int, dict]:
+            """States at the grid indices ``keep`` (increasing, ``keep[0] == lo``) from ``start`` at ``lo``."""
             if self.forward == "euler":
-                states = [u0]
-                u = u0
-                for k in range(K):
-                    g = vmap(grad(loss_at), in_dims=(0, None, 0, 0))(u, phi, sx, sy)
-                    _check_tasks(g, k * t_max / K, "gradient")
+                out, u = {lo: start}, start
+                for k in range(lo, keep[-1]):
+                    g = grad_tasks(u, phi, sx, sy)
+                    _check_tasks(g, float(grid[k]), "gradient")
                     u = {n: u[n] - _bcast(steps, u[n]) * g[n] for n in names}
-                    _check_tasks(u, (k + 1) * t_max / K, "state")
-                    states.append(u)
+                    _check_tasks(u, float(grid[k + 1]), "state")
+                    if k + 1 in keep:
+                        out[k + 1] = u
+                return out
+            states = self._ode(rhs_tasks, start, names, phi, sx, sy, scale, grid[keep])
+            return dict(zip(keep, states))
+
+        bounds = _segment_bounds(K, self.segments)
+        try:
+            marks = [lo for lo, _ in bounds] + [K]
+            checkpoints = integrate(u0, 0, marks) if len(bounds) > 1 else None
+
+            # -------- the query loss at u(T) and lambda(T)
+            segment_states = None
+            if checkpoints is None:  # one segment: the forward solve records every grid state
+                segment_states = integrate(u0, 0, list(range(K + 1)))
+                final = segment_states[K]
             else:
-                states = self._ode_forward(rhs_tasks, u0, names, phi, sx, sy, scale, t_max, K)
+                final = checkpoints[K]
+            (lam, g_phi), query = vmap(grad_and_value(loss_at, argnums=(0, 1)), in_dims=(0, None, 0, 0))(
+                final, phi, qx, qy
+            )
+
+            # -------- backward: the adjoint over the states, one recomputed segment at a time
+            losses = [None] * K
+            dims = (0, None, 0, 0, 0)
+            heun = vmap(heun_task, in_dims=dims + (0, 0))
+            step_back = vmap(hvp_task, in_dims=dims)
+            if self.backward == "heun":
+                hlam, mlam, _ = step_back(final, phi, sx, sy, lam)
+            for lo, hi in reversed(bounds):
+                if checkpoints is not None:
+                    segment_states = integrate(checkpoints[lo], lo, list(range(lo, hi + 1)))
+                    segment_states[hi] = checkpoints[hi]  # continuity with the later segment
+                for j in range(hi - 1, lo - 1, -1):
+                    u_j = segment_states.pop(j)
+                    if self.backward == "heun":
+                        lam, hlam, mlam_j, losses[j] = heun(u_j, phi, sx, sy, lam, hlam, steps)
+                        g_phi = {n: g_phi[n] - 0.5 * _bcast(steps, g_phi[n]) * (mlam[n] + mlam_j[n]) for n in phi}
+                        mlam = mlam_j
+                    else:
+                        hl, ml, losses[j] = step_back(u_j, phi, sx, sy, lam)
+                        lam = {n: lam[n] - _bcast(steps, lam[n]) * hl[n] for n in names}
+                        g_phi = {n: g_phi[n] - _bcast(steps, g_phi[n]) * ml[n] for n in phi}
+                segment_states = None
         except _Failure as f:
             task = task_ids[f.task]
             time = f.time * float(scale[f.task])
@@ -228,45 +302,6 @@ class Adjoint(MetaGradient):
                 task=task_ids[0], time=time,
             ) from None
 
-        # -------- the query loss at u(T) and lambda(T)
-        (lam, g_phi), query = vmap(grad_and_value(loss_at, argnums=(0, 1)), in_dims=(0, None, 0, 0))(
-            states[K], phi, qx, qy
-        )
-
-        # -------- backward: the adjoint over the recorded states
-        def linearized(u, ph, x, y):
-            # (grad_u L, L) and the pullback v -> (H v, (d_phi grad_u L)^T v)
-            _, pull, loss = vjp(lambda uu, pp: grad_and_value(loss_at)(uu, pp, x, y), u, ph, has_aux=True)
-            return pull, loss
-
-        def hvp_task(u, ph, x, y, v):
-            pull, loss = linearized(u, ph, x, y)
-            hv, mv = pull(v)
-            return hv, mv, loss
-
-        def heun_task(u, ph, x, y, lam_next, hlam_next, hstep):
-            pull, loss = linearized(u, ph, x, y)
-            lam_tilde = {n: lam_next[n] - hstep * hlam_next[n] for n in names}
-            hl_tilde, _ = pull(lam_tilde)
-            lam_j = {n: lam_next[n] - 0.5 * hstep * (hlam_next[n] + hl_tilde[n]) for n in names}
-            hl_j, ml_j = pull(lam_j)
-            return lam_j, hl_j, ml_j, loss
-
-        losses = [None] * K
-        dims = (0, None, 0, 0, 0)
-        if self.backward == "heun":
-            hlam, mlam, _ = vmap(hvp_task, in_dims=dims)(states[K], phi, sx, sy, lam)
-            heun = vmap(heun_task, in_dims=dims + (0, 0))
-            for j in range(K - 1, -1, -1):
-                lam, hlam, mlam_j, losses[j] = heun(states[j], phi, sx, sy, lam, hlam, steps)
-                g_phi = {n: g_phi[n] - 0.5 * _bcast(steps, g_phi[n]) * (mlam[n] + mlam_j[n]) for n in phi}
-                mlam = mlam_j
-        else:
-            step_back = vmap(hvp_task, in_dims=dims)
-            for j in range(K - 1, -1, -1):
-                hlam, mlam, losses[j] = step_back(states[j], phi, sx, sy, lam)
-                lam = {n: lam[n] - _bcast(steps, lam[n]) * hlam[n] for n in names}
-                g_phi = {n: g_phi[n] - _bcast(steps, g_phi[n]) * mlam[n] for n in phi}
         bad = ~torch.stack([torch.isfinite(v.reshape(n_tasks, -1)).all(1) for v in lam.values()]).all(0)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -281,10 +316,11 @@ class Adjoint(MetaGradient):
         aux = {"query_loss": query.detach(), "inner_loss": torch.stack(losses, 1).detach()}
         return grads, query.mean().detach(), aux
 
-    def _ode_forward(self, rhs_tasks, u0, names, phi, sx, sy, scale, t_max, K):
+    def _ode(self, rhs_tasks, u_start, names, phi, sx, sy, scale, times: Tensor) -> list[dict]:
+        """torchdiffeq solve of the stacked flow from ``u_start`` at ``times[0]``; the states at ``times``."""
         from torchdiffeq import odeint
 
-        reached = [0.0]
+        reached = [float(times[0])]
 
         def rhs(t, state):
             u = dict(zip(names, state))
@@ -295,23 +331,29 @@ class Adjoint(MetaGradient):
             reached[0] = max(reached[0], time)
             return tuple(f[n] for n in names)
 
-        ref = u0[names[0]]
-        grid = torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device)
         options = {**self.options}
         if self.solver in _ADAPTIVE:
             options.setdefault("max_num_steps", self.max_steps)
         try:
-            out = odeint(rhs, tuple(u0[n] for n in names), grid, rtol=self.rtol, atol=self.atol,
+            out = odeint(rhs, tuple(u_start[n] for n in names), times, rtol=self.rtol, atol=self.atol,
                          method=self.solver, options=options)
         except AssertionError as e:  # torchdiffeq asserts on dt underflow and max_num_steps
             raise _SolverAssert(str(e), reached[0]) from None
         out = [o.detach() for o in out]
-        states = [{n: o[j] for n, o in zip(names, out)} for j in range(K + 1)]
-        _check_tasks(states[K], t_max, "state")
+        states = [{n: o[j] for n, o in zip(names, out)} for j in range(len(times))]
+        _check_tasks(states[-1], float(times[-1]), "state")
         return states
 
 
 _ADAPTIVE = {"dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"}
+
+
+def _segment_bounds(steps: int, segments: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` grid-index ranges of ``segments`` (default ``round(sqrt(steps))``) near-equal segments."""
+    n = segments if segments is not None else max(1, round(math.sqrt(steps)))
+    n = min(max(n, 1), steps)
+    m = math.ceil(steps / n)
+    return [(lo, min(lo + m, steps)) for lo in range(0, steps, m)]
 
 
 def _positive(value, name: str) -> float:
