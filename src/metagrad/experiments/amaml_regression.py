@@ -20,9 +20,10 @@ the inner lr on its support set, and the **nRMSE** on its query set is recorded 
 ``eval_steps`` (default up to 1,000 steps, in chunks of ``eval_chunk`` tasks). nRMSE of a task =
 RMSE of its query predictions / standard deviation of its query targets (population std,
 dividing by the number of points); it is the same on raw and standardized targets. The figure
-shows the mean over the 100 test tasks with a band of one standard deviation (over tasks), one
-panel per function and setting. ``summary.json`` holds, per panel and method, the curves and the
-final nRMSE (mean, std, diverged count); ``amaml_regression.md`` the table of final values.
+(log-log axes) shows the mean over the 100 test tasks with a band of one standard deviation over
+tasks (sample std; the lower edge clipped at half the mean for the log axis), one panel per
+function and setting. ``summary.json`` holds, per panel and method, the curves and the final
+nRMSE (mean, std, diverged count); ``amaml_regression.md`` the tables at step 0 and the last step.
 
 The curves during training (``val_metric`` in each variant's metrics, nRMSE after ``val_steps``
 GD steps) are measured on 20 test tasks for plotting only; no model selection is done.
@@ -291,13 +292,15 @@ class AmamlRegression(Experiment):
                 mean = [math.nan if v is None else v for v in r["nrmse_mean"]]
                 std = [math.nan if v is None else v for v in r["nrmse_std"]]
                 line, = ax.plot(grid, mean, marker=".", label=LABELS.get(m, m))
-                ax.fill_between(grid, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                # band of one std over tasks, clipped above zero for the log axis
+                ax.fill_between(grid, [max(a - b, 0.5 * a) for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
             title = {"cosmixture": "CosMixture", "alpine": "Alpine"}.get(function, function)
             ax.set_title(f"{title}, {shots}shot-{shots}val")
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_yscale("log")
             ax.set_xlabel("GD steps on the test task")
             ax.set_ylabel("test nRMSE")
-            ax.set_ylim(bottom=0)
             ax.legend(fontsize=7)
         fig.tight_layout()
         _plot.save_figure(fig, path)
