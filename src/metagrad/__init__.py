@@ -7,18 +7,18 @@ from .core import MetaLearner, TaskModel
 from .gradients import (
     Adjoint, AdjointSolverError, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
 )
-from .learners import LinNet, select_adapted
+from .learners import LinNet, Wormhole, select_adapted
 from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
-from .schedule import Schedule
+from .schedule import Phase, Schedule
 from .tasks import LinearRegression1D, LogisticRegression2D, Sinusoid, TaskBatch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MetaLearner", "TaskModel", "Schedule", "TaskBatch",
+    "MetaLearner", "TaskModel", "Schedule", "Phase", "TaskBatch",
     "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "make_meta_gradient",
-    "select_adapted", "LinNet",
+    "select_adapted", "LinNet", "Wormhole",
     "Sinusoid", "LinearRegression1D", "LogisticRegression2D",
 ]

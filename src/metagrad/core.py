@@ -15,6 +15,7 @@ same result). Meta-parameters are a nested dict ``{"model": {...}, "rule": {...}
 """
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from typing import Callable, Mapping
 
 import torch
@@ -109,6 +110,30 @@ class MetaLearner(nn.Module):
         params = dict(model.named_parameters())
         init = self.rule.init({n: params[n].detach() for n in self.adapted_names})
         self.rule_state = _StateTree(init)
+        self._check_phases()
+
+    def _check_phases(self) -> None:
+        """Resolve the schedule's phases to tensor names (``self.phase_names``); validate them."""
+        phases = self.schedule.phases
+        self.phase_names = tuple(_select_phase(self.model, ph.adapt) for ph in phases)
+        if not phases:
+            return
+        from .gradients.unrolled import Unrolled
+
+        if not isinstance(self.meta_gradient, Unrolled):
+            raise ValueError(
+                f"a phased schedule needs the 'unrolled' or 'first-order' meta-gradient; "
+                f"{type(self.meta_gradient).__name__} does not support phases"
+            )
+        for ph, names in zip(phases, self.phase_names):
+            if ph.lr is None:
+                if self.rule.adapts_state:
+                    raise ValueError(f"a Phase without lr uses the learner's rule, and {type(self.rule).__name__} "
+                                     f"adapts its own state, which phases do not support; give the phase an lr")
+                outside = [n for n in names if n not in self.adapted_names]
+                if outside:
+                    raise ValueError(f"a Phase without lr uses the learner's rule, which has state only for the "
+                                     f"adapted parameters; {outside} are not adapted: give the phase an lr")
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> dict[str, dict[str, Tensor]]:
@@ -134,19 +159,57 @@ class MetaLearner(nn.Module):
         return functional_call(self.model, dict(params), (x,))
 
     # ------------------------------------------------------------------ pure core
-    def _inner_loop(self, meta_params, x, y, steps: int, *, first_order: bool, keep_trajectory: bool = False):
+    def _run_phases(self, adapted, fixed, state, x, y, *, first_order: bool, training: bool):
+        """The schedule's phases (before the main steps). Returns (adapted, carried, losses):
+        ``carried`` holds the phase-adapted tensors that the main steps do not adapt."""
+        full = {**fixed, **adapted}
+        losses = []
+        touched: set[str] = set()
+        for phase, names in zip(self.schedule.phases, self.phase_names):
+            steps = phase.steps if training else phase.eval_steps
+
+            def phase_loss(ph):
+                return self.loss_fn(functional_call(self.model, {**full, **ph}, (x,)), y)
+
+            ph = {n: full[n] for n in names}
+            for _ in range(steps):
+                grads, loss = grad_and_value(phase_loss)(ph)
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                if phase.lr is not None:
+                    ph = {n: p - phase.lr * grads[n] for n, p in ph.items()}
+                else:
+                    ph, _ = self.rule.step(ph, grads, state)
+                losses.append(loss.detach())
+            full.update(ph)
+            touched.update(names)
+        adapted = {n: full[n] for n in adapted}
+        carried = {n: full[n] for n in touched if n not in adapted}
+        return adapted, carried, losses
+
+    def _inner_loop(self, meta_params, x, y, steps: int, *, first_order: bool, keep_trajectory: bool = False,
+                    training: bool = True):
         """Adapt one task. Returns (trajectory of adapted dicts, support loss before each step [steps]).
 
         Without ``keep_trajectory`` the trajectory holds only the initial and the final dict.
+        With a phased schedule the phases run first (their step counts: train or test ones per
+        ``training``); the support losses of their steps lead the returned losses, the trajectory
+        starts after them, and its dicts also hold the phase-adapted tensors that the main steps
+        do not adapt (e.g. Wormhole's C).
         """
         adapted, fixed = self._split(meta_params)
         state = meta_params["rule"]
+        losses = []
+        carried = {}
+        if self.schedule.phases:
+            adapted, carried, losses = self._run_phases(adapted, fixed, state, x, y, first_order=first_order,
+                                                        training=training)
+            fixed = {**fixed, **carried}
 
         def support_loss(ad):
             return self.loss_fn(functional_call(self.model, {**fixed, **ad}, (x,)), y)
 
-        trajectory = [adapted]
-        losses = []
+        trajectory = [{**carried, **adapted}] if carried else [adapted]
         adapts_state = self.rule.adapts_state
         state_vjp = None  # pullback of the last step with respect to the state that made it
         for _ in range(steps):
@@ -168,9 +231,9 @@ class MetaLearner(nn.Module):
                 adapted, state_vjp = vjp(lambda st: self.rule.step(prev, prev_grads, st)[0], state)
             losses.append(loss.detach())
             if keep_trajectory:
-                trajectory.append(adapted)
+                trajectory.append({**carried, **adapted} if carried else adapted)
         if not keep_trajectory and steps:
-            trajectory.append(adapted)
+            trajectory.append({**carried, **adapted} if carried else adapted)
         inner = torch.stack(losses) if losses else x.new_zeros(0)
         return trajectory, inner
 
@@ -195,7 +258,8 @@ class MetaLearner(nn.Module):
         batch = TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]).validate()
         steps = self.schedule.eval_steps if steps is None else steps
         meta_params = self.meta_parameters()
-        traj, inner = self._inner_loop(meta_params, batch.support_x[0], batch.support_y[0], steps, first_order=False)
+        traj, inner = self._inner_loop(meta_params, batch.support_x[0], batch.support_y[0], steps, first_order=False,
+                                       training=False)
         _check_finite(inner[None], "inner")
         _, fixed = self._split(meta_params)
         return {**fixed, **traj[-1]}
@@ -210,6 +274,7 @@ class MetaLearner(nn.Module):
         """
         batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
+        self._check_phases()  # the schedule or the meta-gradient may have been replaced
         meta_params = self._detached_meta_parameters()
         grads, objective, aux = self.meta_gradient.batch_gradient(self, meta_params, batch, vectorize)
         _check_finite(aux["inner_loss"], "inner")
@@ -245,7 +310,8 @@ class MetaLearner(nn.Module):
         vectorize = self.vectorize if vectorize is None else vectorize
 
         def task_eval(meta_params, sx, sy, qx, qy):
-            traj, inner = self._inner_loop(meta_params, sx, sy, steps, first_order=True, keep_trajectory=True)
+            traj, inner = self._inner_loop(meta_params, sx, sy, steps, first_order=True, keep_trajectory=True,
+                                           training=False)
             _, fixed = self._split(meta_params)
             preds = [functional_call(self.model, {**fixed, **u}, (qx,)) for u in traj]
             out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": inner[:1]}
@@ -335,3 +401,15 @@ def _check_finite(losses: Tensor, which: str) -> None:
             f"non-finite {which} loss {losses[task, step].item()} at step {step} of task {task} "
             f"(try a smaller inner learning rate)"
         )
+
+
+def _select_phase(model: nn.Module, adapt) -> tuple[str, ...]:
+    """Names of the parameters and buffers of ``model`` matched by a phase's patterns."""
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    chosen = set()
+    for pat in adapt:
+        hits = [n for n in names if fnmatchcase(n, pat) or fnmatchcase(n, pat + ".*")]
+        if not hits:
+            raise ValueError(f"phase pattern {pat!r} matches no parameter or buffer; names: {', '.join(names)}")
+        chosen.update(hits)
+    return tuple(n for n in names if n in chosen)

@@ -1,0 +1,193 @@
+"""Wormhole MAML (learners/wormhole.py) and phased schedules (schedule.Phase), in float64."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metagrad import MetaLearner, Phase, Schedule, TaskBatch, Wormhole
+
+DT = torch.float64
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+
+
+def _batch(tasks=3, shots=5, d=3, out=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    return TaskBatch(r(tasks, shots, d), r(tasks, shots, out), r(tasks, shots, d), r(tasks, shots, out))
+
+
+@pytest.mark.parametrize("form", ["scalar", "diag", "layer", "lowrank"])
+@pytest.mark.parametrize("learn_init", [False, True])
+def test_identity_without_c_steps_is_plain_maml(form, learn_init):
+    base = _mlp()
+    plain = MetaLearner(copy.deepcopy(base), F.mse_loss, lr=0.3, schedule=Schedule(2))
+    wh = Wormhole(copy.deepcopy(base), form, learn_init=learn_init)
+    worm = MetaLearner(wh, F.mse_loss, adapt=wh.model_patterns(), lr=0.3,
+                       schedule=wh.schedule(train_steps=2, c_steps=0, c_lr=0.5))
+    batch = _batch()
+    g_plain, s_plain = plain.meta_gradient_of(batch)
+    g_worm, s_worm = worm.meta_gradient_of(batch)
+    for n, g in g_plain["model"].items():
+        torch.testing.assert_close(g_worm["model"]["model." + n], g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_worm["query_loss"], s_plain["query_loss"], rtol=1e-12, atol=1e-12)
+
+
+def test_parameter_counts_of_the_forms():
+    base = _mlp()
+    d_theta = sum(p.numel() for p in base.parameters())
+    assert Wormhole(base, "scalar").num_c() == 1
+    assert Wormhole(base, "tanh").num_c() == 1
+    assert Wormhole(base, "diag").num_c() == d_theta
+    assert Wormhole(base, "diag", layers="2").num_c() == 4 * 2 + 2
+    assert Wormhole(base, "layer").num_c() == 4  # four parameter tensors
+    assert Wormhole(base, "layer", layers=["0.weight", "2.weight"]).num_c() == 2
+    assert Wormhole(base, "lowrank", rank=2).num_c() == 2 * 2 * 4 + 2 * 2 * 2  # 2 rank out per weight matrix
+    # C's entries are buffers unless their init is meta-learned
+    assert not any(n.startswith("wormhole") for n, _ in Wormhole(base, "diag").named_parameters())
+    assert sum(p.numel() for n, p in Wormhole(base, "diag", learn_init=True).named_parameters()
+               if n.startswith("wormhole")) == d_theta
+
+
+def test_invalid_arguments():
+    base = _mlp()
+    with pytest.raises(ValueError, match="unknown wormhole form"):
+        Wormhole(base, "cubic")
+    with pytest.raises(ValueError, match=r"\(-1, 1\)"):
+        Wormhole(base, "tanh", init=1.0)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        Wormhole(base, "diag", layers="nope.*")
+    with pytest.raises(ValueError, match="non-negative"):
+        Phase("wormhole.*", steps=-1)
+    wh = Wormhole(base, "tanh")
+    for mg in ("reptile", "implicit", "adjoint", "checkpointed"):
+        with pytest.raises(ValueError, match="does not support phases"):
+            MetaLearner(wh, F.mse_loss, adapt=wh.model_patterns(), meta_gradient=mg, schedule=wh.schedule(1, 1))
+
+
+def test_no_phases_is_the_plain_schedule():
+    assert Schedule(3).phases == () and Schedule(3, phases=None) == Schedule(3)
+
+
+def _hand_two_phase(W, b, t0, x, y, qx, qy, nc, n, gamma, alpha, first_order=False):
+    """Algorithm 1 written out with torch.autograd.grad: C = tanh(t) on a linear model."""
+    create = not first_order
+
+    def loss(W, b, t, x, y):
+        c = torch.tanh(t)
+        return F.mse_loss(x @ (c * W).T + c * b, y)
+
+    t = t0
+    for _ in range(nc):
+        (g,) = torch.autograd.grad(loss(W, b, t, x, y), t, create_graph=create)
+        t = t - gamma * g
+    for _ in range(n):
+        # the partial gradient with C held: fresh nodes, so the path W -> t does not count
+        W, b = W + 0, b + 0
+        gW, gb = torch.autograd.grad(loss(W, b, t, x, y), (W, b), create_graph=create)
+        W, b = W - alpha * gW, b - alpha * gb
+    return loss(W, b, t, qx, qy)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_meta_gradient_through_both_phases_matches_hand_loop(first_order, vectorize):
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).to(DT)
+    wh = Wormhole(lin, "tanh", init=0.5, learn_init=True)
+    nc, n, gamma, alpha = 2, 2, 0.7, 0.3
+    learner = MetaLearner(wh, F.mse_loss, adapt=wh.model_patterns(), lr=alpha,
+                          meta_gradient="first-order" if first_order else "unrolled",
+                          schedule=wh.schedule(train_steps=n, c_steps=nc, c_lr=gamma))
+    batch = _batch(tasks=2, d=3, out=2)
+    grads, stats = learner.meta_gradient_of(batch, vectorize=vectorize)
+    assert stats["inner_loss"].shape == (2, nc + n)
+    W = lin.weight.detach().clone().requires_grad_()
+    b = lin.bias.detach().clone().requires_grad_()
+    t0 = wh.wormhole.t.detach().clone().requires_grad_()
+    total = 0
+    for i in range(2):
+        total = total + _hand_two_phase(W, b, t0, *(f[i] for f in batch), nc, n, gamma, alpha, first_order) / 2
+    gW, gb, gt = torch.autograd.grad(total, (W, b, t0))
+    torch.testing.assert_close(grads["model"]["model.weight"], gW, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["model"]["model.bias"], gb, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads["model"]["wormhole.t"], gt, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_of_the_two_phase_hand_loop():
+    torch.manual_seed(0)
+    W = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    b = torch.randn(2, dtype=DT, requires_grad=True)
+    t0 = torch.tensor(0.4, dtype=DT, requires_grad=True)
+    task = [f[0] for f in _batch(tasks=1, d=3, out=2)]
+    assert torch.autograd.gradcheck(lambda W, b, t: _hand_two_phase(W, b, t, *task, 2, 2, 0.7, 0.3), (W, b, t0))
+
+
+def test_tanh_form_stays_in_open_interval():
+    """C = tanh(t) is in (-1, 1) whatever the C phase does (exactly +-1 only once float64 saturates)."""
+    torch.manual_seed(0)
+    wh = Wormhole(nn.Linear(3, 2).to(DT), "tanh")
+    learner = MetaLearner(wh, F.mse_loss, adapt=wh.model_patterns(), lr=0.1,
+                          schedule=wh.schedule(train_steps=1, c_steps=20, c_lr=2.0))
+    batch = _batch(tasks=4, d=3, out=2)
+    for i in range(4):
+        t = learner.adapt(batch.support_x[i], batch.support_y[i])["wormhole.t"]
+        assert torch.isfinite(t) and abs(t.item()) < 18
+        wh.wormhole.t.copy_(t.detach())
+        assert -1 < wh.c_value().item() < 1
+        wh.wormhole.t.fill_(torch.atanh(torch.tensor(0.9)).item())
+    for t in (-1e6, 1e6):
+        wh.wormhole.t.fill_(t)
+        assert -1 <= wh.c_value().item() <= 1
+
+
+def test_tanh_c_is_a_sign_changer_on_conflicting_tasks():
+    """Two linear regression tasks with optima +w and -w; theta = +w (Fig. 3b)."""
+    torch.manual_seed(0)
+    w = torch.tensor([[1.0, -2.0, 0.5]], dtype=DT)
+    lin = nn.Linear(3, 1, bias=False).to(DT)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    wh = Wormhole(lin, "tanh")
+    learner = MetaLearner(wh, F.mse_loss, adapt=wh.model_patterns(), lr=0.05,
+                          schedule=wh.schedule(train_steps=1, c_steps=10, c_lr=0.5))
+    x = torch.randn(20, 3, dtype=DT)
+    c_plus = torch.tanh(learner.adapt(x, x @ w.T)["wormhole.t"])
+    c_minus = torch.tanh(learner.adapt(x, -x @ w.T)["wormhole.t"])
+    assert c_plus.item() > 0.9  # already right: C stays near +1
+    assert c_minus.item() < -0.5  # flipped
+    # after the C phase, the -w task is (nearly) solved without moving theta
+    ev = learner.evaluate(TaskBatch(x[None], -x[None] @ w.T, x[None], -x[None] @ w.T), steps=0)
+    assert ev["loss"][0, 0] < 0.1 * F.mse_loss(x @ w.T, -x @ w.T)
+
+
+def test_phase_without_lr_uses_the_rule_and_evaluate_runs():
+    base = _mlp()
+    learner = MetaLearner(base, F.mse_loss, lr=0.2,
+                          schedule=Schedule(1, phases=(Phase("2.*", steps=2), Phase("0", steps=1, lr=0.1))))
+    batch = _batch()
+    grads, stats = learner.meta_gradient_of(batch)
+    assert stats["inner_loss"].shape == (3, 4)
+    # the same thing written as plain steps
+    params = {n: p.detach().clone().requires_grad_() for n, p in base.named_parameters()}
+    total = 0
+    for i in range(3):
+        sx, sy, qx, qy = (f[i] for f in batch)
+        p = dict(params)
+        for names, lr in ((["2.weight", "2.bias"], 0.2), (["2.weight", "2.bias"], 0.2),
+                          (["0.weight", "0.bias"], 0.1), (list(p), 0.2)):
+            p = {k: v + 0 for k, v in p.items()}  # partial gradients: the other tensors held
+            loss = F.mse_loss(torch.func.functional_call(base, p, (sx,)), sy)
+            gs = torch.autograd.grad(loss, [p[n] for n in names], create_graph=True)
+            p.update({n: p[n] - lr * g for n, g in zip(names, gs)})
+        total = total + F.mse_loss(torch.func.functional_call(base, p, (qx,)), qy) / 3
+    ref = torch.autograd.grad(total, list(params.values()))
+    for (n, _), r in zip(params.items(), ref):
+        torch.testing.assert_close(grads["model"][n], r, rtol=1e-10, atol=1e-12)
+    ev = learner.evaluate(batch, steps=2)
+    assert ev["loss"].shape == (3, 3)
