@@ -191,3 +191,18 @@ def test_phase_without_lr_uses_the_rule_and_evaluate_runs():
         torch.testing.assert_close(grads["model"][n], r, rtol=1e-10, atol=1e-12)
     ev = learner.evaluate(batch, steps=2)
     assert ev["loss"].shape == (3, 3)
+
+
+def test_avg_threshold_tasks_and_tiny_experiment_run(tmp_path):
+    from metagrad.experiments import get_experiment, run
+    from metagrad.experiments.wormhole import AvgThreshold
+
+    b = AvgThreshold().sample(50, generator=torch.Generator().manual_seed(0))
+    assert b.support_x.shape == (50, 10, 5) and b.query_y.shape == (50, 10, 1)
+    assert ((b.support_x >= 0) & (b.support_x <= 1)).all() and set(b.support_y.unique().tolist()) <= {0.0, 1.0}
+    exp = get_experiment("wormhole-threshold")
+    summary = run(exp, tmp_path / "r", ["quick=true", "epochs=1", "batches_per_epoch=5", "train.eval_every=5",
+                                        "train.val_tasks=20", "train.eval_tasks=40", "steps=[1]"], progress=False)
+    assert set(summary["variants"]) == {"vanilla-1step", "tanh-1step", "diag-1step"}
+    assert summary["variants"]["tanh-1step"]["paper_ce"] == 1.56
+    assert (tmp_path / "r" / "table.md").exists() and (tmp_path / "r" / "wormhole_threshold.png").exists()
