@@ -15,7 +15,6 @@ same result). Meta-parameters are a nested dict ``{"model": {...}, "rule": {...}
 """
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Callable, Mapping
 
 import torch
@@ -24,7 +23,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from .gradients import MetaGradient, make_meta_gradient
 from .learners import select_adapted
-from .learners.select import AdaptSpec
+from .learners.select import AdaptSpec, match_names
 from .rules import UpdateRule, make_rule
 from .schedule import Schedule
 from .tasks import TaskBatch
@@ -406,10 +405,4 @@ def _check_finite(losses: Tensor, which: str) -> None:
 def _select_phase(model: nn.Module, adapt) -> tuple[str, ...]:
     """Names of the parameters and buffers of ``model`` matched by a phase's patterns."""
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    chosen = set()
-    for pat in adapt:
-        hits = [n for n in names if fnmatchcase(n, pat) or fnmatchcase(n, pat + ".*")]
-        if not hits:
-            raise ValueError(f"phase pattern {pat!r} matches no parameter or buffer; names: {', '.join(names)}")
-        chosen.update(hits)
-    return tuple(n for n in names if n in chosen)
+    return match_names(names, adapt, what="phase pattern")

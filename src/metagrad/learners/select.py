@@ -46,13 +46,16 @@ def select_adapted(model: nn.Module, adapt: AdaptSpec = "all") -> tuple[str, ...
     patterns = [adapt] if isinstance(adapt, str) else list(adapt)
     if not patterns or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"adapt must be 'all', 'head' or non-empty name patterns, got {adapt!r}")
+    return match_names(names, patterns, what=f"adapt pattern (modes: {', '.join(MODES)})")
+
+
+def match_names(names: Sequence[str], patterns: Sequence[str], *, what: str = "pattern") -> tuple[str, ...]:
+    """The ``names`` matched by glob ``patterns`` (a pattern also matches everything under a module
+    prefix), in the order of ``names``. A pattern that matches nothing raises ``ValueError``."""
     chosen = set()
     for pat in patterns:
         hits = [n for n in names if fnmatchcase(n, pat) or fnmatchcase(n, pat + ".*")]
         if not hits:
-            raise ValueError(
-                f"adapt pattern {pat!r} matches no parameter; modes: {', '.join(MODES)}; "
-                f"parameters: {', '.join(names)}"
-            )
+            raise ValueError(f"{what} {pat!r} matches nothing; names: {', '.join(names)}")
         chosen.update(hits)
     return tuple(n for n in names if n in chosen)
