@@ -32,6 +32,7 @@ from ..tasks import LogisticRegression2D
 from ..train import CHECKPOINT, evaluate_tasks, load_checkpoint
 from . import _plot
 from .base import Experiment, Variant, build_variant
+from .logreg_depth import LogregDepth
 
 LABELS = {"lr": "LR", "lr-linnet": "LR+LinNet", "lr-linnet-collapsed": "LR+LinNet collapsed"}
 
@@ -41,23 +42,11 @@ class LinnetCollapse(Experiment):
     description = "Arnold et al. Fig B.3: LR vs LR+LinNet vs the LinNet collapsed to LR before adaptation"
 
     def default_config(self) -> dict:
-        return {
-            "quick": False,
-            "seed": 0,
-            "shots": 5,
-            "queries": 10,
-            "labels": "separable",
-            "widths": [2],
-            "inner_lr": 0.9,
-            "inner_steps": 1,
-            "meta_gradient": "unrolled",
-            "meta_lr": {"lr": 0.01, "linnet": 0.1},
-            "train": {
-                "iterations": 3000, "meta_batch_size": 16, "optimizer": "sgd", "meta_lr": 0.01,
-                "momentum": 0.0, "log_every": 10, "eval_every": 50, "val_tasks": 1000,
-                "eval_tasks": 5000, "eval_batch": 5000, "checkpoint_every": 500,
-            },
-        }
+        """The ``logreg-depth`` setting (same tasks, rates and training), with LinNet ``widths``."""
+        config = LogregDepth().default_config()
+        del config["hidden"]
+        config["widths"] = [2]
+        return config
 
     def quick_config(self) -> dict:
         return {"train.iterations": 600, "train.eval_every": 50, "train.val_tasks": 500, "train.eval_tasks": 2000}
