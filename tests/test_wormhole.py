@@ -206,3 +206,117 @@ def test_avg_threshold_tasks_and_tiny_experiment_run(tmp_path):
     assert set(summary["variants"]) == {"vanilla-1step", "tanh-1step", "diag-1step"}
     assert summary["variants"]["tanh-1step"]["paper_ce"] == 1.56
     assert (tmp_path / "r" / "table.md").exists() and (tmp_path / "r" / "wormhole_threshold.png").exists()
+
+
+def test_ricker_matches_numpy_and_has_unit_l2_norm():
+    import math
+
+    import numpy as np
+
+    from metagrad.experiments.wormhole import ricker
+
+    for a in (0.5, 1.0, 2.5):
+        t = np.linspace(-6, 6, 101)
+        amp = 2 / (np.sqrt(3 * a) * np.pi ** 0.25)
+        ref = amp * (1 - t ** 2 / a ** 2) * np.exp(-t ** 2 / (2 * a ** 2))
+        np.testing.assert_allclose(ricker(torch.tensor(t), a).numpy(), ref, rtol=1e-12, atol=1e-14)
+        assert ricker(torch.tensor(0.0, dtype=torch.float64), a).item() == pytest.approx(amp)
+        assert amp == pytest.approx(2 / (math.sqrt(3 * a) * math.pi ** 0.25))
+        # normalization: int psi^2 dt = 1 (trapezoid on a wide fine grid)
+        u = np.linspace(-30 * a, 30 * a, 200_001)
+        assert (ricker(torch.tensor(u), a).numpy() ** 2).sum() * (u[1] - u[0]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_wavelet_tasks_y_is_x_dot_signed_translated_wavelet():
+    import numpy as np
+
+    from metagrad.experiments.wormhole import WaveletTasks
+
+    fam = WaveletTasks(points=12, a=0.8, half_width=4.0, max_shift=1.5, shots=3, queries=4, dtype=torch.float64)
+    batch, s, b, f = fam.sample_tasks(40, generator=torch.Generator().manual_seed(3))
+    assert batch.support_x.shape == (40, 3, 12) and batch.query_y.shape == (40, 4, 1)
+    assert set(s.tolist()) == {-1.0, 1.0} and (b.abs() <= 1.5).all()
+    grid = np.linspace(-4.0, 4.0, 12)
+    amp = 2 / (np.sqrt(3 * 0.8) * np.pi ** 0.25)
+    for i in range(40):
+        u = (grid - b[i].item()) / 0.8
+        filt = s[i].item() * amp * (1 - u ** 2) * np.exp(-u ** 2 / 2)
+        np.testing.assert_allclose(f[i].numpy(), filt, rtol=1e-12, atol=1e-14)
+        x = np.concatenate([batch.support_x[i].numpy(), batch.query_x[i].numpy()])
+        y = np.concatenate([batch.support_y[i].numpy(), batch.query_y[i].numpy()])[:, 0]
+        assert ((x >= 0) & (x < 1)).all()
+        np.testing.assert_allclose(y, [sum(xr[j] * filt[j] for j in range(12)) for xr in x], rtol=1e-10, atol=1e-12)
+
+
+def test_tiny_wavelet_experiment_run(tmp_path):
+    from metagrad.experiments import get_experiment, run
+
+    summary = run(get_experiment("wormhole-wavelet"), tmp_path / "r",
+                  ["quick=true", "epochs=4", "train.eval_every=2", "train.val_tasks=20", "train.eval_tasks=40",
+                   "filter_tasks=5", "steps=[1,2]", "train.checkpoint_every=2"], progress=False)
+    assert set(summary["variants"]) == {"vanilla-1step", "vanilla-2step", "tanh-1step", "tanh-2step"}
+    e = summary["variants"]["tanh-2step"]
+    assert e["paper"] == 6.05 and e["filter_l1"] > 0 and len(e["meta_w"]) == 20
+    for f in ("summary.json", "table.md", "wormhole_wavelet_fig5.png", "wormhole_wavelet_loss.png"):
+        assert (tmp_path / "r" / f).exists()
+
+
+def _tiny_mnist(root, per_digit=6):
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    lab = np.repeat(np.arange(10), per_digit)
+    rng.shuffle(lab)
+    imgs = rng.randint(0, 256, (lab.size, 28, 28), dtype=np.uint8)
+    d = root / "mnist"
+    d.mkdir(parents=True)
+    n = lab.size
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+        (2051).to_bytes(4, "big") + b"".join(v.to_bytes(4, "big") for v in (n, 28, 28)) + imgs.tobytes()))
+    (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
+        (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + lab.astype(np.uint8).tobytes()))
+    return lab
+
+
+def test_mnist_t10k_halves_split(tmp_path):
+    from metagrad.experiments.wormhole import mnist_splits
+
+    lab = _tiny_mnist(tmp_path, per_digit=7)
+    source, (tr_x, tr_y), (te_x, te_y) = mnist_splits(tmp_path, "auto")
+    assert source == "t10k-halves"
+    assert torch.bincount(tr_y, minlength=10).tolist() == [4] * 10
+    assert torch.bincount(te_y, minlength=10).tolist() == [3] * 10
+    assert tr_x.shape == (40, 1, 28, 28) and te_x.shape == (30, 1, 28, 28)
+    # disjoint images: the halves together are the whole file
+    assert tr_x.shape[0] + te_x.shape[0] == lab.size
+    with pytest.raises(FileNotFoundError):
+        mnist_splits(tmp_path / "nowhere", "auto")
+
+
+def test_episode_sampler_gives_both_label_orders_for_a_digit_pair():
+    from metagrad.data import EpisodeSampler
+
+    labels = torch.arange(10).repeat_interleave(3)
+    images = torch.zeros(30, 1, 4, 4, dtype=torch.uint8)
+    _, cls = EpisodeSampler(images, labels, 2, 1, 1).sample_indices(2000, generator=torch.Generator().manual_seed(0))
+    pairs = {tuple(r) for r in cls.tolist()}
+    assert (3, 7) in pairs and (7, 3) in pairs  # digit 3 is label 0 in some tasks and label 1 in others
+    assert sum((b, a) in pairs for a, b in pairs) == len(pairs)  # every pair seen is seen in both orders
+
+
+def test_tiny_mnist_experiment_run(tmp_path):
+    from metagrad.experiments import get_experiment, run
+
+    _tiny_mnist(tmp_path / "data")
+    summary = run(get_experiment("wormhole-mnist"), tmp_path / "r",
+                  [f"data_root={tmp_path / 'data'}", "quick=true", "epochs=1", "batches_per_epoch=2", "queries=2",
+                   "train.meta_batch_size=2", "train.eval_every=2", "train.val_tasks=4", "train.eval_tasks=4",
+                   "train.eval_batch=4", "steps=[2]"], progress=False)
+    assert summary["source"] == "t10k-halves" and summary["meta_train_images"] == 30
+    assert set(summary["variants"]) == {"vanilla-2step", "tanh-2step"}
+    assert summary["variants"]["tanh-2step"]["paper_error"] == 0.141
+    assert 0 <= summary["variants"]["tanh-2step"]["error"] <= 1
+    for f in ("summary.json", "table.md", "wormhole_mnist.png"):
+        assert (tmp_path / "r" / f).exists()

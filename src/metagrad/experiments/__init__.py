@@ -11,12 +11,12 @@ from .linreg_landscape import LinregLandscape
 from .logreg_depth import LogregDepth
 from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
-from .wormhole import WormholeThreshold
+from .wormhole import WormholeMNIST, WormholeThreshold, WormholeWavelet
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 for _cls in (AmamlRegression, ArnoldTable1, ArnoldTable2, ArnoldTable3, ArnoldDepth,
              LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment,
-             WormholeThreshold):
+             WormholeThreshold, WormholeWavelet, WormholeMNIST):
     EXPERIMENTS.register(_cls.name, _cls)
 
 
