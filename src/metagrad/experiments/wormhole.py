@@ -487,6 +487,12 @@ class WormholeMNIST(Experiment):
     * ``quick=true`` is a smoke run, not a reproduction (CPU cost of the paper's net with second-order
       5+5-step inner loops is ~2 s per meta-batch of 16): 40 meta-batches of 8 tasks, a smaller
       net (channels (8, 16), hidden 64; the paper's is (20, 50), 500) and ``c_steps = 2``.
+
+    Observed (seed 0, t10k halves): quick: error vanilla 0.500/0.492/0.528, Wormhole
+    0.490/0.504/0.533 (1/2/5 steps; chance). The paper's net, 2 steps, 3 epochs (78 meta-batches,
+    2 min): vanilla 0.500, Wormhole 0.500 (paper 0.463 / 0.141); the query CE sits at ln 2: the net
+    outputs equal logits (the optimum under both label orders) and 2 steps at 0.01 cannot leave it.
+    The full 100 epochs (6 x 2600 meta-batches) were not run.
     """
 
     name = "wormhole-mnist"
