@@ -54,6 +54,20 @@ PAPER_TABLE1 = {  # Avg-Threshold cross-entropy error, Table 1 (1-, 2-, 5-step)
 LABELS = {"vanilla": "Vanilla MAML", "tanh": "Wormhole tanh (eq 4)", "diag": "Wormhole diag (eq 5)"}
 
 
+def _learner(base: nn.Module, method: str, steps: int, config: dict, loss_fn, metric_fn, *, layers=None,
+             vectorize: bool = True) -> MetaLearner:
+    """Vanilla MAML on ``base`` (``method="vanilla"``) or Wormhole MAML with C of form ``method``:
+    ``config["c_steps"]`` steps on C at ``config["c_lr"]`` (Algorithm 1), then ``steps`` on the weights."""
+    if method == "vanilla":
+        model, adapt, schedule = base, "all", Schedule(steps)
+    else:
+        model = Wormhole(base, method, layers=layers)
+        adapt = model.model_patterns()
+        schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
+    return MetaLearner(model, loss_fn, adapt=adapt, lr=config["inner_lr"], meta_gradient=config["meta_gradient"],
+                       schedule=schedule, metric_fn=metric_fn, vectorize=vectorize)
+
+
 @dataclass(frozen=True)
 class AvgThreshold:
     """The Avg-Threshold task family: ``y = 1[s mean(x) > s tau]``, ``x ~ U[0,1]^dim``."""
@@ -115,15 +129,7 @@ class WormholeThreshold(Experiment):
         def build(method, steps):
             def make():
                 base = nn.Linear(config["dim"], 1)
-                if method == "vanilla":
-                    model, adapt, schedule = base, "all", Schedule(steps)
-                else:
-                    model = Wormhole(base, method)
-                    adapt = model.model_patterns()
-                    schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
-                learner = MetaLearner(model, F.binary_cross_entropy_with_logits, adapt=adapt, lr=config["inner_lr"],
-                                      meta_gradient=config["meta_gradient"], schedule=schedule,
-                                      metric_fn=binary_accuracy)
+                learner = _learner(base, method, steps, config, F.binary_cross_entropy_with_logits, binary_accuracy)
                 train = {**config["train"], "seed": config["seed"], "iterations": iterations}
                 return Variant(learner, family, family, train)
             return make
@@ -326,15 +332,7 @@ class WormholeWavelet(Experiment):
                     lo, hi = config["w_init"]
                     with torch.no_grad():
                         base.weight.uniform_(lo, hi)
-                if method == "vanilla":
-                    model, adapt, schedule = base, "all", Schedule(steps)
-                else:
-                    model = Wormhole(base, method)
-                    adapt = model.model_patterns()
-                    schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
-                learner = MetaLearner(model, F.mse_loss, adapt=adapt, lr=config["inner_lr"],
-                                      meta_gradient=config["meta_gradient"], schedule=schedule,
-                                      metric_fn=mean_abs_error)
+                learner = _learner(base, method, steps, config, F.mse_loss, mean_abs_error)
                 train = {**config["train"], "seed": config["seed"], "iterations": iterations}
                 return Variant(learner, family, family, train)
             return make
@@ -540,15 +538,8 @@ class WormholeMNIST(Experiment):
             def make():
                 _, (tr_x, tr_y), (te_x, te_y) = data()
                 base = MNISTNet(config["ways"], channels=tuple(config["channels"]), hidden=config["hidden"])
-                if method == "vanilla":
-                    model, adapt, schedule = base, "all", Schedule(steps)
-                else:
-                    model = Wormhole(base, method, layers=config["c_layers"])
-                    adapt = model.model_patterns()
-                    schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
-                learner = MetaLearner(model, F.cross_entropy, adapt=adapt, lr=config["inner_lr"],
-                                      meta_gradient=config["meta_gradient"], schedule=schedule,
-                                      metric_fn=accuracy, vectorize=config["vectorize"])
+                learner = _learner(base, method, steps, config, F.cross_entropy, accuracy, layers=config["c_layers"],
+                                   vectorize=config["vectorize"])
                 w, k, q = config["ways"], config["shots"], config["queries"]
                 train_family = EpisodeSampler(tr_x, tr_y, w, k, q)
                 test_family = EpisodeSampler(te_x, te_y, w, k, q)
