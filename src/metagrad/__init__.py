@@ -7,7 +7,7 @@ from .core import MetaLearner, TaskModel
 from .gradients import (
     Adjoint, AdjointSolverError, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
 )
-from .learners import LinNet, Wormhole, select_adapted
+from .learners import LinNet, TNet, Wormhole, select_adapted
 from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
 from .schedule import Phase, Schedule
 from .tasks import LinearRegression1D, LogisticRegression2D, Sinusoid, TaskBatch
@@ -19,6 +19,6 @@ __all__ = [
     "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "make_meta_gradient",
-    "select_adapted", "LinNet", "Wormhole",
+    "select_adapted", "LinNet", "TNet", "Wormhole",
     "Sinusoid", "LinearRegression1D", "LogisticRegression2D",
 ]
