@@ -43,6 +43,7 @@ from ..learners import Wormhole
 from ..metrics import binary_accuracy
 from ..schedule import Schedule
 from ..tasks import TaskBatch
+from ..tasks.base import _check_counts
 from . import _plot
 from .base import Experiment, Variant
 
@@ -78,10 +79,7 @@ class AvgThreshold:
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
-        for k in ("shots", "queries", "dim"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        _check_counts(shots=self.shots, queries=self.queries, dim=self.dim)
 
     def sample(self, num_tasks: int, *, generator: torch.Generator) -> TaskBatch:
         n = self.shots + self.queries
@@ -212,10 +210,7 @@ class WaveletTasks:
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
-        for k in ("points", "shots", "queries"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        _check_counts(points=self.points, shots=self.shots, queries=self.queries)
         if not self.a > 0 or not self.half_width > 0 or not self.max_shift >= 0:
             raise ValueError("a and half_width must be positive and max_shift non-negative")
 
