@@ -68,3 +68,12 @@ def test_overrides_parse_and_type_check():
         apply_overrides(cfg, ["b.zz=1"])
     with pytest.raises(ValueError, match="unknown config key 'b'"):
         apply_overrides(cfg, ["b=1"])
+
+
+def test_missing_data_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A run that cannot find its data fails before creating the run directory."""
+    monkeypatch.setenv("METAGRAD_DATA", str(tmp_path / "empty"))
+    out = tmp_path / "run"
+    assert main(["run", "omniglot-maml", "--out", str(out), "--no-progress"]) == 2
+    assert "no Omniglot data" in capsys.readouterr().err
+    assert not out.exists()

@@ -86,10 +86,12 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         config = experiment.resolve(overrides)
         if cfg_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
+    names = list(experiment.variants(config))  # checks data and options before anything is written
+    if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg_path, config)
     results = {}
-    for name in experiment.variants(config):
+    for name in names:
         variant = build_variant(experiment, config, name)
         results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
                             out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}")

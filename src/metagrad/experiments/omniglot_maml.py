@@ -10,10 +10,12 @@ metrics) is measured on a fixed set of tasks from the test characters: it is for
 no model selection is done on it. Images are 28x28, inverted (strokes 1, background 0).
 
 As in Finn et al.'s code, meta-training tasks have as many query as support images per class
-(``train_queries=null``); test tasks have ``test_queries`` (15) per class. ``vectorize`` is off by
-default: on CPU the per-task loop is about 3x faster than ``vmap`` for this conv net (vmap's
-larger temporaries cost page faults: 2.8 s vs 9.1 s per 5-shot meta-step on 2 cores); on a GPU
-set ``vectorize=true``.
+(``train_queries=null``) and the training characters are augmented with rotations by 90, 180 and
+270 degrees as new classes (``train_rotations``; the 136 small1 characters become 544 classes).
+Test tasks have ``test_queries`` (15) per class from unrotated test characters. ``vectorize`` is
+off by default: on CPU the per-task loop is about 3x faster than ``vmap`` for this conv net
+(vmap's larger temporaries cost page faults: 2.8 s vs 9.1 s per 5-shot meta-step on 2 cores); on
+a GPU set ``vectorize=true``.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class OmniglotMAML(Experiment):
             "cache_dir": None,
             "download": False,
             "ways": 5,
+            "train_rotations": True,
             "train_queries": None,
             "test_queries": 15,
             "layers": 4,
@@ -92,13 +95,13 @@ class OmniglotMAML(Experiment):
         from ..data import EpisodeSampler, Omniglot
 
         train_split, test_split = _splits(config["data_root"], config["download"])
-        datasets: dict[str, Omniglot] = {}
+        datasets: dict[tuple[str, bool], Omniglot] = {}
 
-        def dataset(split):
-            if split not in datasets:
-                datasets[split] = Omniglot(config["data_root"], split, download=config["download"],
-                                           cache_dir=config["cache_dir"])
-            return datasets[split]
+        def dataset(split, rotations=False):
+            if (split, rotations) not in datasets:
+                datasets[split, rotations] = Omniglot(config["data_root"], split, download=config["download"],
+                                                      rotations=rotations, cache_dir=config["cache_dir"])
+            return datasets[split, rotations]
 
         def build(spec):
             def make():
@@ -111,7 +114,8 @@ class OmniglotMAML(Experiment):
                     schedule=Schedule(config["train_steps"], config["test_steps"]), metric_fn=accuracy,
                     vectorize=config["vectorize"],
                 )
-                train_ds, test_ds = dataset(train_split), dataset(test_split)
+                train_ds = dataset(train_split, config["train_rotations"])
+                test_ds = dataset(test_split)
                 train = EpisodeSampler(train_ds.images, train_ds.labels, ways, shots, train_queries, invert=True)
                 test = EpisodeSampler(test_ds.images, test_ds.labels, ways, shots, config["test_queries"], invert=True)
                 cfg = {**config["train"], "seed": config["seed"], "iterations": spec["iterations"]}
