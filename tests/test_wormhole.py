@@ -206,6 +206,48 @@ def test_avg_threshold_tasks_and_tiny_experiment_run(tmp_path):
     assert set(summary["variants"]) == {"vanilla-1step", "tanh-1step", "diag-1step"}
     assert summary["variants"]["tanh-1step"]["paper_ce"] == 1.56
     assert (tmp_path / "r" / "table.md").exists() and (tmp_path / "r" / "wormhole_threshold.png").exists()
+    assert len(summary["eq13"]) == 12 and "Eq. 13" in (tmp_path / "r" / "table.md").read_text()
+
+
+def test_eq13_c_is_the_zero_of_the_linearized_gradient_and_matches_the_gaussian_closed_form():
+    import math
+
+    from metagrad.experiments.wormhole import eq13_c
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    y = (z + 0.3 * torch.randn(4, 30, generator=g, dtype=torch.float64) > 0).double()
+    c = eq13_c(z, y)
+    # eq. 9 linearized (eq. 10), term by term: dL/dc ~ -sum_{y=1} (1 - c z) z + sum_{y=0} c z^2. (The
+    # paper prints a minus on the y=0 sum in eqs 9, 11, 12; the derivative of -log(1 - sigma(cz)) is
+    # +sigma(cz) z, and only the plus sign leads to its eq. 13.)
+    for i in range(4):
+        lin = sum(-(1 - c[i] * zj) * zj if yj else c[i] * zj * zj for zj, yj in zip(z[i], y[i]))
+        assert abs(lin.item()) < 1e-12
+    # z ~ N(0, s^2), y = 1[z > 0]: c* -> E[z 1(z>0)] / E[z^2] = 1 / (s sqrt(2 pi))
+    for s in (0.4, 2.0):
+        zz = s * torch.randn(1, 400_000, generator=g, dtype=torch.float64)
+        assert eq13_c(zz, (zz > 0).double()).item() == pytest.approx(1 / (s * math.sqrt(2 * math.pi)), rel=1e-2)
+
+
+def test_exact_c_minimizes_the_true_cross_entropy():
+    import math
+
+    from scipy.optimize import minimize_scalar
+
+    from metagrad.experiments.wormhole import exact_c
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    y = (z + 0.8 * torch.randn(5, 12, generator=g, dtype=torch.float64) > 0).double()
+    y[3] = (z[3] > 0).double()  # separable by sign(z): no minimizer, c -> +inf
+    y[4] = (z[4] < 0).double()  # separable by -sign(z): c -> -inf
+    c = exact_c(z, y)
+    assert c[3] == math.inf and c[4] == -math.inf
+    for i in range(3):
+        loss = lambda t: F.binary_cross_entropy_with_logits(t * z[i], y[i], reduction="sum").item()  # noqa: E731
+        ref = minimize_scalar(loss, bracket=(-1.0, 1.0), tol=1e-12).x
+        assert c[i].item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
 def test_ricker_matches_numpy_and_has_unit_l2_norm():
