@@ -346,13 +346,22 @@ class TaskModel:
     def __call__(self, x: Tensor) -> Tensor:
         return functional_call(self._learner.model, self.params, (x,))
 
-    def adapt(self, loss: Tensor, *, first_order: bool | None = None) -> "TaskModel":
-        """One inner step of the learner's update rule on ``loss`` (in place on this copy)."""
+    def adapt(self, loss: Tensor, *, first_order: bool | None = None, phase: int | None = None) -> "TaskModel":
+        """One inner step on ``loss`` (in place on this copy).
+
+        Without ``phase``: a step of the learner's update rule on its adapted parameters. With
+        ``phase=i``: a step of the schedule's i-th :class:`~metagrad.Phase` on the tensors it
+        matches (plain SGD at the phase's lr, or the update rule when it has none); e.g. for
+        Wormhole, ``c_steps`` calls with ``phase=0`` and then ``train_steps`` plain calls are
+        Algorithm 1, with the same meta-gradient as the functional engine.
+        """
         learner = self._learner
         if first_order is None:
             first_order = learner.meta_gradient.first_order
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"non-finite inner loss {loss.item()} at step {self.steps_taken}")
+        if phase is not None:
+            return self._phase_step(loss, phase, first_order)
         names = learner.adapted_names
         if not learner.rule.adapts_state:
             grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
@@ -375,6 +384,31 @@ class TaskModel:
             self.state = learner.rule.state_step(self.state, dict(zip(keys, full[len(names):])))
         new, self.state = learner.rule.step({n: self.params[n] for n in names}, grads, self.state)
         self.params.update(new)
+        self.steps_taken += 1
+        return self
+
+    def _phase_step(self, loss: Tensor, phase: int, first_order: bool) -> "TaskModel":
+        learner = self._learner
+        phases = learner.schedule.phases
+        if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < len(phases):
+            raise ValueError(f"phase must be an index into the schedule's {len(phases)} phase(s), got {phase!r}")
+        spec, names = phases[phase], learner.phase_names[phase]
+        for n in names:  # a buffer (task state, e.g. Wormhole's C) enters the graph as a fresh leaf
+            if not self.params[n].requires_grad:
+                self.params[n] = self.params[n].detach().clone().requires_grad_()
+        grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
+        grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
+        current = {n: self.params[n] for n in names}
+        if spec.lr is not None:
+            new = {n: p - spec.lr * grads[n] for n, p in current.items()}
+        else:
+            new, _ = learner.rule.step(current, grads, self.state)
+        self.params.update(new)
+        # the next steps take partial gradients (the engine's): the other tensors get fresh autograd
+        # nodes, so a gradient for them does not also count their path through this phase's result
+        for n, p in self.params.items():
+            if n not in names and p.requires_grad:
+                self.params[n] = p.view_as(p)
         self.steps_taken += 1
         return self
 
