@@ -27,6 +27,10 @@ only moves the bias: with ``mean(x)`` of 5 uniforms concentrated at 0.5 (std 0.1
 one-class, and near theta = 0 the C phase gets almost no gradient, so tanh(t) stays at ~0.9
 (c_steps up to 5 and c_lr up to 10 changed nothing at 20 epochs). Unverified guesses: the paper's
 data sampling (balanced batches, its eq. 13 discussion), C's init or its (unstated) gamma differ.
+Nor is there a better basin that training misses: at the "averaging and thresholding" theta of
+Fig. 3b (``w = k/5 * 1``, ``b = -k/2``) the 1-step query CE sum is, for k = 0 / 3 / 10 / 30, vanilla
+4.08 / 4.23 / 5.63 / 13.6 and tanh (1 C step at 1.0) 4.46 / 4.60 / 5.81 / 12.0 (4000 tasks; c_steps 5
+or c_lr 10 give at best 5.05 at k = 10): one bias step at lr 1 cannot move a sharp threshold far.
 
 Eq. 13 check (:func:`eq13_check`, written into ``table.md`` and ``summary.json`` of every run): on
 balanced batches of 10 points with the accurate classifier ``z = k (mean(x) - tau*)``, eq. 13's c*
