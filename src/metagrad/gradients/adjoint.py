@@ -95,7 +95,10 @@ class Adjoint(MetaGradient):
         T: horizon of the gradient flow (float > 0, tensor ``[tasks]`` or callable, see above).
         h: step of the recorded grid (and of the Euler / Heun steps).
         solver: a torchdiffeq method name for ``forward="ode"`` (``"dopri5"``, ``"rk4"``, ...).
-        rtol, atol: tolerances of an adaptive solver.
+        rtol, atol: tolerances of an adaptive solver (torchdiffeq's defaults). They suit float64;
+            a float32 state's rounding sits near them, and on ReLU / max-pool nets (a piecewise
+            smooth flow) dopri5 then takes very many small steps: use 1e-4 / 1e-6 or looser there
+            (``benchmarks/long_horizon.py`` gives timings).
         forward: ``"ode"`` (torchdiffeq) or ``"euler"`` (fixed steps of ``h``).
         backward: ``"heun"`` (modified Euler, the paper's) or ``"discrete"`` (exact adjoint of Euler).
         segments: number of recomputed segments of the grid (``None``: ``round(sqrt(K))``;
