@@ -118,3 +118,21 @@ def test_invalid_arguments():
         CNN(4, 5.0)
     with pytest.raises(ValueError, match="image_size=12"):
         MNISTNet(10, image_size=12)
+
+
+def test_maml_init_is_xavier_uniform_with_zero_biases_and_a_standard_normal_head():
+    import math
+
+    torch.manual_seed(0)
+    net = CNN(4, 5, channels=64, init="maml")
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        fan_in, fan_out = m.in_channels * 9, m.out_channels * 9
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        w = m.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.1)  # U(-b, b) has variance b^2/3
+        assert (m.bias == 0).all()
+    assert net.head.weight.std().item() == pytest.approx(1.0, rel=0.2) and (net.head.bias == 0).all()
+    with pytest.raises(ValueError, match="init must be"):
+        CNN(4, 5, init="xavier")

@@ -67,6 +67,7 @@ class OmniglotMAML(Experiment):
             "layers": 4,
             "channels": 64,
             "downsample": "maxpool",
+            "init": "torch",
             "inner_lr": 0.4,
             "train_steps": 1,
             "test_steps": 3,
@@ -107,7 +108,8 @@ class OmniglotMAML(Experiment):
             def make():
                 ways, shots = config["ways"], spec["shots"]
                 train_queries = shots if config["train_queries"] is None else config["train_queries"]
-                model = CNN(config["layers"], ways, channels=config["channels"], downsample=config["downsample"])
+                model = CNN(config["layers"], ways, channels=config["channels"], downsample=config["downsample"],
+                            init=config["init"])
                 learner = MetaLearner(
                     model, F.cross_entropy, rule=config["rule"], lr=config["inner_lr"],
                     meta_gradient=config["meta_gradient"],
