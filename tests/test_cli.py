@@ -77,3 +77,20 @@ def test_missing_data_writes_nothing(tmp_path, monkeypatch, capsys):
     assert main(["run", "omniglot-maml", "--out", str(out), "--no-progress"]) == 2
     assert "no Omniglot data" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_variant_selection_trains_only_the_named_variants_and_resume_keeps_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    fast = ["--set", "quick=true", "--set", "train.iterations=3", "--set", "train.eval_tasks=20",
+            "--no-progress"]
+    assert main(["run", "linreg-depth", "--out", str(out), "--variant", "shallow", *fast]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "shallow" in summary and "deep" not in summary and summary["shallow"]["tasks"] == 20
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["shallow"]
+    assert json.loads((out / "config.json").read_text())["only"] == ["shallow"]
+    assert main(["run", "linreg-depth", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["shallow"]
+    assert main(["eval", str(out), "--tasks", "5"]) == 0
+    capsys.readouterr()
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "x"), "--variant", "medium", *fast]) == 2
+    assert "unknown variant 'medium'" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, type=Path, help="run directory")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, JSON value); repeatable")
+    r.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
+                   help="train only this variant (repeatable; default: all)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     e = sub.add_parser("eval", help="re-evaluate a finished run on fresh held-out tasks")
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, variants=args.variants)
             print(json.dumps(summary, indent=2))
             print(f"results in {args.out}", file=sys.stderr)
             return 0

@@ -35,6 +35,9 @@ class Experiment:
 
     name: str = ""
     description: str = ""
+    #: whether :meth:`report` accepts the results of a subset of the variants (``metagrad run
+    #: --variant``); if not, such a run's summary is the plain per-variant results
+    partial_report: bool = False
 
     def default_config(self) -> dict:
         """The full default config; must contain ``quick`` (bool) and ``seed`` (int)."""
@@ -69,24 +72,43 @@ def build_variant(experiment: Experiment, config: dict, name: str) -> Variant:
     return builders[name]()
 
 
+def _selected(experiment: Experiment, config: dict) -> list[str]:
+    """The variant names a run trains: all of them, or the config's ``"only"`` selection."""
+    names = list(experiment.variants(config))
+    only = config.get("only")
+    if only is None:
+        return names
+    unknown = [n for n in only if n not in names]
+    if unknown or not only:
+        raise ValueError(f"unknown variant {unknown[0] if unknown else only!r} of {experiment.name}; "
+                         f"valid: {', '.join(names)}")
+    return [n for n in names if n in only]
+
+
 def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
-        progress: bool = True) -> dict:
-    """Run (or resume) an experiment into ``out_dir``; returns its summary."""
+        progress: bool = True, variants=None) -> dict:
+    """Run (or resume) an experiment into ``out_dir``; returns its summary.
+
+    ``variants``: train only these of the experiment's variants (names; recorded in the run's
+    ``config.json`` as ``"only"``, so ``resume`` keeps the selection); the report covers them.
+    """
     out_dir = Path(out_dir)
     cfg_path = out_dir / "config.json"
     if resume:
         if not cfg_path.exists():
             raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
-        if overrides:
-            raise ValueError("--set cannot be combined with --resume: the run's config.json is used as is")
+        if overrides or variants:
+            raise ValueError("--set and --variant cannot be combined with --resume: the run's config.json is used as is")
         config = read_json(cfg_path)
         if config.get("experiment") != experiment.name:
             raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
     else:
         config = experiment.resolve(overrides)
+        if variants:
+            config["only"] = list(variants)
         if cfg_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
-    names = list(experiment.variants(config))  # checks data and options before anything is written
+    names = _selected(experiment, config)  # checks data and options before anything is written
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg_path, config)
@@ -95,7 +117,10 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         variant = build_variant(experiment, config, name)
         results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
                             out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}")
-    summary = experiment.report(config, results, out_dir)
+    if len(names) < len(experiment.variants(config)) and not experiment.partial_report:
+        summary = Experiment.report(experiment, config, results, out_dir)
+    else:
+        summary = experiment.report(config, results, out_dir)
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -105,7 +130,7 @@ def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | No
     out_dir = Path(out_dir)
     config = read_json(out_dir / "config.json")
     results = {}
-    for name in experiment.variants(config):
+    for name in _selected(experiment, config):
         variant = build_variant(experiment, config, name)
         ckpt = out_dir / name / CHECKPOINT
         if not ckpt.exists():

@@ -52,6 +52,7 @@ def _splits(root: Path | None, download: bool) -> tuple[str, str]:
 class OmniglotMAML(Experiment):
     name = "omniglot-maml"
     description = "Finn et al. MAML on Omniglot, 5-way 1-shot and 5-shot, CNN(4), accuracy with 95% CI"
+    partial_report = True
 
     def default_config(self) -> dict:
         return {
