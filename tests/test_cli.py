@@ -37,6 +37,13 @@ def test_run_then_eval(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["deep"]["tasks"] == 50 and result["deep"]["iteration"] == 30
     assert json.loads((out / "eval.json").read_text()) == result
+    # evaluating under a changed config: more inner steps on the same tasks extend the same curve
+    assert main(["eval", str(out), "--tasks", "50", "--set", "inner_steps=3"]) == 0
+    longer = json.loads(capsys.readouterr().out)["deep"]
+    assert longer["overrides"] == ["inner_steps=3"] and len(longer["metric"]["by_step"]) == 4
+    assert longer["metric"]["by_step"][:2] == pytest.approx(result["deep"]["metric"]["by_step"], rel=1e-6)
+    assert main(["eval", str(out), "--set", "inner_stepz=3"]) == 2
+    assert "inner_stepz" in capsys.readouterr().err
     # a second run into the same folder is refused rather than overwriting it
     assert main(["run", "linreg-depth", "--out", str(out), *FAST]) == 2
     assert "--resume" in capsys.readouterr().err

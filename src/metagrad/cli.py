@@ -23,9 +23,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="train only this variant (repeatable; default: all)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    e = sub.add_parser("eval", help="re-evaluate a finished run on fresh held-out tasks")
+    e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoints on fresh held-out tasks")
     e.add_argument("dir", type=Path, help="run directory")
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate under a changed config value (e.g. test_queries=1); repeatable")
     return p
 
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.tasks is not None and args.tasks < 1:
                 raise ValueError(f"--tasks must be a positive integer, got {args.tasks}")
             experiment = get_experiment(read_json(cfg_path)["experiment"])
-            print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks), indent=2))
+            print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides), indent=2))
             return 0
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)

@@ -125,10 +125,19 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     return summary
 
 
-def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None) -> dict:
-    """Re-evaluate every variant of a finished run from its checkpoint (fresh held-out tasks)."""
+def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None, overrides=()) -> dict:
+    """Re-evaluate every variant of a run from its latest checkpoint (fresh held-out tasks);
+    writes ``eval.json``.
+
+    ``overrides`` (``"key=value"``, as for a run) change the run's config for this evaluation only,
+    e.g. ``test_queries=1`` or ``test_steps=10``; they must leave the model's parameters the same
+    shape. Each result records them and the checkpoint's ``iteration``.
+    """
     out_dir = Path(out_dir)
     config = read_json(out_dir / "config.json")
+    overrides = list(overrides)
+    if overrides:
+        config = apply_overrides(config, overrides)
     results = {}
     for name in _selected(experiment, config):
         variant = build_variant(experiment, config, name)
@@ -141,6 +150,8 @@ def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | No
         results[name] = evaluate_tasks(variant.learner, variant.eval_family, tasks or cfg["eval_tasks"],
                                        seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"])
         results[name]["iteration"] = state["iteration"]
+        if overrides:
+            results[name]["overrides"] = overrides
     write_json(out_dir / "eval.json", results)
     return results
 
