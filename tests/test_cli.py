@@ -42,6 +42,8 @@ def test_run_then_eval(tmp_path, capsys):
     longer = json.loads(capsys.readouterr().out)["deep"]
     assert longer["overrides"] == ["inner_steps=3"] and len(longer["metric"]["by_step"]) == 4
     assert longer["metric"]["by_step"][:2] == pytest.approx(result["deep"]["metric"]["by_step"], rel=1e-6)
+    assert main(["eval", str(out), "--tasks", "5", "--variant", "shallow"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"shallow"}
     assert main(["eval", str(out), "--set", "inner_stepz=3"]) == 2
     assert "inner_stepz" in capsys.readouterr().err
     # a second run into the same folder is refused rather than overwriting it

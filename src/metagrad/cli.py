@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate under a changed config value (e.g. test_queries=1); repeatable")
+    e.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
+                   help="evaluate only this variant (repeatable)")
     return p
 
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tasks is not None and args.tasks < 1:
                 raise ValueError(f"--tasks must be a positive integer, got {args.tasks}")
             experiment = get_experiment(read_json(cfg_path)["experiment"])
-            print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides), indent=2))
+            print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides,
+                                                variants=args.variants), indent=2))
             return 0
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)

@@ -125,19 +125,23 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     return summary
 
 
-def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None, overrides=()) -> dict:
+def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None, overrides=(),
+                 variants=None) -> dict:
     """Re-evaluate every variant of a run from its latest checkpoint (fresh held-out tasks);
     writes ``eval.json``.
 
     ``overrides`` (``"key=value"``, as for a run) change the run's config for this evaluation only,
     e.g. ``test_queries=1`` or ``test_steps=10``; they must leave the model's parameters the same
-    shape. Each result records them and the checkpoint's ``iteration``.
+    shape. Each result records them and the checkpoint's ``iteration``. ``variants``: evaluate
+    only these (default: those the run trains).
     """
     out_dir = Path(out_dir)
     config = read_json(out_dir / "config.json")
     overrides = list(overrides)
     if overrides:
         config = apply_overrides(config, overrides)
+    if variants:
+        config["only"] = list(variants)
     results = {}
     for name in _selected(experiment, config):
         variant = build_variant(experiment, config, name)
