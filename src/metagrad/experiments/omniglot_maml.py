@@ -20,6 +20,17 @@ scored 95.07% with 1 query per class and 94.57% with 15. ``vectorize`` is
 off by default: on CPU the per-task loop is about 3x faster than ``vmap`` for this conv net
 (vmap's larger temporaries cost page faults: 2.8 s vs 9.1 s per 5-shot meta-step on 2 cores); on
 a GPU set ``vectorize=true``.
+
+Observed (small1 -> small2, seed 0, CPU). 5-way 1-shot, 5,000 iterations with rotations, about
+1.5 h on 2 cores:
+- with 15 queries per class: 96.44% +- 0.38 after 3 steps (600 tasks);
+- with Finn's protocol (1 query per class, ``metagrad eval DIR --set test_queries=null``):
+  97.07% +- 0.66 on 600 tasks and 97.21% +- 0.21 on 5,000 tasks;
+- without rotations it reached 94.57% +- 0.59 (15 queries).
+
+5-way 5-shot after 1,000 of 3,000 iterations (Finn's protocol, 600 tasks): 96.54% after 1 step,
+falling to 95.07% after 2 steps and 94.18% after 3 steps. Trained for one step at lr 0.4, the
+later steps overshoot.
 """
 from __future__ import annotations
 
