@@ -134,5 +134,9 @@ def test_maml_init_is_xavier_uniform_with_zero_biases_and_a_standard_normal_head
         assert w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.1)  # U(-b, b) has variance b^2/3
         assert (m.bias == 0).all()
     assert net.head.weight.std().item() == pytest.approx(1.0, rel=0.2) and (net.head.bias == 0).all()
+    x = CNN(4, 5, channels=64, init="xavier")
+    bound = math.sqrt(6 / (64 + 5))
+    assert x.head.weight.abs().max() <= bound and x.head.weight.abs().max() > 0.9 * bound
+    assert (x.head.bias == 0).all() and all((m.bias == 0).all() for m in x.features if isinstance(m, nn.Conv2d))
     with pytest.raises(ValueError, match="init must be"):
-        CNN(4, 5, init="xavier")
+        CNN(4, 5, init="he")

@@ -37,9 +37,10 @@ class CNN(nn.Module):
         in_channels: input channels (1 for Omniglot/MNIST, 3 for RGB).
         image_size: input height/width, used to size ``head``.
         downsample: ``"maxpool"`` or ``"stride"``.
-        init: ``"torch"`` (PyTorch's default initialization) or ``"maml"`` (Finn et al.'s code:
+        init: ``"torch"`` (PyTorch's default initialization), ``"maml"`` (Finn et al.'s code:
             Xavier-uniform conv weights, zero conv biases, a standard-normal ``head`` weight and a
-            zero head bias). With BatchNorm after each conv the conv weights' scale does not change
+            zero head bias) or ``"xavier"`` (learn2learn's CNN4, used by Arnold et al.: Xavier-uniform
+            conv and ``head`` weights, zero biases). With BatchNorm after each conv the conv weights' scale does not change
             the function but does change the effective inner learning rate (the gradient scales
             as ``1 / ||w||``), so an inner lr tuned for one init does not carry to the other.
 
@@ -68,8 +69,8 @@ class CNN(nn.Module):
         _check_int("image_size", image_size)
         if downsample not in ("maxpool", "stride"):
             raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
-        if init not in ("torch", "maml"):
-            raise ValueError(f"init must be 'torch' or 'maml', got {init!r}")
+        if init not in ("torch", "maml", "xavier"):
+            raise ValueError(f"init must be 'torch', 'maml' or 'xavier', got {init!r}")
         self.k, self.ways, self.downsample = k, ways, downsample
         layers: list[nn.Module] = []
         size, cin = image_size, in_channels
@@ -89,13 +90,16 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feature_dim = channels * size * size
         self.head = nn.Linear(self.feature_dim, ways)
-        if init == "maml":
+        if init != "torch":
             with torch.no_grad():
                 for m in self.features:
                     if isinstance(m, nn.Conv2d):
                         nn.init.xavier_uniform_(m.weight)
                         m.bias.zero_()
-                self.head.weight.normal_()
+                if init == "maml":
+                    self.head.weight.normal_()
+                else:
+                    nn.init.xavier_uniform_(self.head.weight)
                 self.head.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
