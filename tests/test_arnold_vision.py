@@ -169,3 +169,13 @@ def test_adapted_models_have_base_cnn_size_and_function(dataset):
                 assert all(n.startswith(("head.", "base.head.", "linear.")) for n in adapted), vname
             else:
                 assert not any(n.endswith("transform") for n in adapted) and len(adapted) >= 2 * k + 2
+
+
+def test_init_option_reaches_every_cnn_of_the_experiments():
+    exp = get_experiment("arnold-table3")
+    cfg = exp.resolve(["channels=8", "init=xavier", 'methods=' + json.dumps(list(exp.methods))])
+    for method, k in exp.variant_specs(cfg).values():
+        learner, _ = av.build_learner(method, k, cfg)
+        convs = [m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all((m.bias == 0).all() for m in convs), method  # PyTorch's init has nonzero biases
+    assert (av.base_cnn(2, cfg).features[0].bias == 0).all()

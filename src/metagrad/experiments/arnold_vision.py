@@ -210,7 +210,7 @@ def build_model(method: str, k: int, config: dict) -> nn.Module:
     """The model of ``method`` on CNN(k): a plain CNN, a LinNet over a widened-head CNN or a TNet."""
     _, mod = _algorithm(method)
     ways = config["ways"]
-    kw = dict(channels=config["channels"] or PAPER_CHANNELS[config["dataset"]], **_input_shape(config["dataset"]))
+    kw = _cnn_options(config)
     if mod == "linnet":
         widths = list(config["linnet_widths"])
         if not widths:
@@ -220,10 +220,15 @@ def build_model(method: str, k: int, config: dict) -> nn.Module:
     return TNet(cnn) if mod == "tnets" else cnn
 
 
+def _cnn_options(config: dict) -> dict:
+    """CNN keyword arguments of a config: channels (the paper's by default), input shape, init."""
+    return dict(channels=config["channels"] or PAPER_CHANNELS[config["dataset"]], init=config.get("init", "torch"),
+                **_input_shape(config["dataset"]))
+
+
 def base_cnn(k: int, config: dict) -> CNN:
     """The plain CNN(k) every variant's adapted model reduces to."""
-    return CNN(k, config["ways"], channels=config["channels"] or PAPER_CHANNELS[config["dataset"]],
-               **_input_shape(config["dataset"]))
+    return CNN(k, config["ways"], **_cnn_options(config))
 
 
 def adapted_model(model: nn.Module) -> nn.Module:
@@ -358,6 +363,8 @@ class _ArnoldVision(Experiment):
             "queries": 5,
             "test_queries": 15,
             "channels": None,  # None: the paper's (32 Omniglot / CIFAR-FS, 64 mini-ImageNet)
+            # CNN init: "torch", or "xavier" as in learn2learn's CNN4, on which the paper built
+            "init": "torch",
             "architectures": list(self.architectures),
             "methods": list(self.methods),
             "linnet_widths": list(PAPER_VISION_WIDTHS),
