@@ -296,8 +296,9 @@ def main(argv=None) -> dict | None:
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "settings": {"inner_lr": INNER_LR, "adjoint_h": ADJOINT_H,
-                     "adjoint_tolerances": {"rtol": args.adjoint_rtol, "atol": args.adjoint_atol}, "implicit": IMPLICIT, "repeats": args.repeats,
-                     "timeout_s": args.timeout, "seed": args.seed, "memory_limit_gb": args.memory_limit_gb},
+                     "adjoint_tolerances": {"rtol": args.adjoint_rtol, "atol": args.adjoint_atol},
+                     "implicit": IMPLICIT, "repeats": args.repeats, "timeout_s": args.timeout, "seed": args.seed,
+                     "memory_limit_gb": args.memory_limit_gb},
         "loadavg_start": list(os.getloadavg()), "points": [],
     }
     t0 = time.perf_counter()

@@ -72,9 +72,11 @@ def build_variant(experiment: Experiment, config: dict, name: str) -> Variant:
     return builders[name]()
 
 
-def _selected(experiment: Experiment, config: dict) -> list[str]:
-    """The variant names a run trains: all of them, or the config's ``"only"`` selection."""
-    names = list(experiment.variants(config))
+def _selected(experiment: Experiment, config: dict, names: list[str] | None = None) -> list[str]:
+    """The variant names a run trains: all of them (``names``, default the experiment's), or the
+    config's ``"only"`` selection."""
+    if names is None:
+        names = list(experiment.variants(config))
     only = config.get("only")
     if only is None:
         return names
@@ -108,7 +110,8 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
             config["only"] = list(variants)
         if cfg_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
-    names = _selected(experiment, config)  # checks data and options before anything is written
+    every = list(experiment.variants(config))  # checks data and options before anything is written
+    names = _selected(experiment, config, every)
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg_path, config)
@@ -117,7 +120,7 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         variant = build_variant(experiment, config, name)
         results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
                             out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}")
-    if len(names) < len(experiment.variants(config)) and not experiment.partial_report:
+    if len(names) < len(every) and not experiment.partial_report:
         summary = Experiment.report(experiment, config, results, out_dir)
     else:
         summary = experiment.report(config, results, out_dir)

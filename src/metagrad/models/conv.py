@@ -39,10 +39,11 @@ class CNN(nn.Module):
         downsample: ``"maxpool"`` or ``"stride"``.
         init: ``"torch"`` (PyTorch's default initialization), ``"maml"`` (Finn et al.'s code:
             Xavier-uniform conv weights, zero conv biases, a standard-normal ``head`` weight and a
-            zero head bias) or ``"xavier"`` (learn2learn's CNN4, used by Arnold et al.: Xavier-uniform
-            conv and ``head`` weights, zero biases). With BatchNorm after each conv the conv weights' scale does not change
-            the function but does change the effective inner learning rate (the gradient scales
-            as ``1 / ||w||``), so an inner lr tuned for one init does not carry to the other.
+            zero head bias) or ``"xavier"`` (learn2learn's CNN4, used by Arnold et al.:
+            Xavier-uniform conv and ``head`` weights, zero biases). With BatchNorm after each conv
+            the conv weights' scale does not change the function but does change the effective
+            inner learning rate (the gradient scales as ``1 / ||w||``), so an inner lr tuned for one
+            init does not carry to the other.
 
     Attributes:
         features: the ``nn.Sequential`` of blocks.
