@@ -102,6 +102,60 @@ def test_run_directory_contents(tmp_path):
         _tiny_fit(tmp_path)
 
 
+def _tiny_fit_on(run_dir, device, model=None):
+    torch.manual_seed(0)
+    learner = mg.MetaLearner(model or linear_chain([1, 8, 1]), mse, lr=0.1, metric_fn=mse)
+    fam = mg.LinearRegression1D(shots=5, queries=5)
+    cfg = {"iterations": 12, "meta_batch_size": 4, "checkpoint_every": 6, "eval_every": 6, "val_tasks": 8,
+           "eval_tasks": 16, "optimizer": "adam", "meta_lr": 0.01}
+    summary = mg.train.fit(learner, fam, fam, cfg, run_dir, progress=False, device=device)
+    return learner, summary
+
+
+def test_fit_on_the_cpu_device_is_the_default_run(tmp_path):
+    """``device`` only moves work: naming the CPU gives bitwise the run without a device."""
+    a, sa = _tiny_fit_on(tmp_path / "a", None)
+    b, sb = _tiny_fit_on(tmp_path / "b", "cpu")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert sb.pop("device") == "cpu" and "device" not in sa
+    assert sa == sb
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_matches_the_cpu_and_resumes_across_devices(tmp_path):
+    """Same seeded tasks on both devices: the CUDA run's parameters and evaluation match the CPU
+    run to float32 rounding, and its checkpoint resumes on the CPU."""
+    cpu, s_cpu = _tiny_fit_on(tmp_path / "cpu", None)
+    gpu, s_gpu = _tiny_fit_on(tmp_path / "gpu", "cuda")
+    assert s_gpu["device"].startswith("cuda")
+    for (k, x), (_, y) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert y.is_cuda
+        torch.testing.assert_close(y.cpu(), x, rtol=1e-4, atol=1e-5, msg=k)
+    assert s_gpu["loss"]["mean"] == pytest.approx(s_cpu["loss"]["mean"], rel=1e-3)
+    # the finished CUDA run's checkpoint resumes (no steps left) on the CPU with the same parameters
+    torch.manual_seed(1)
+    moved = mg.MetaLearner(linear_chain([1, 8, 1]), mse, lr=0.1, metric_fn=mse)
+    fam = mg.LinearRegression1D(shots=5, queries=5)
+    cfg = {"iterations": 12, "meta_batch_size": 4, "checkpoint_every": 6, "eval_every": 6, "val_tasks": 8,
+           "eval_tasks": 16, "optimizer": "adam", "meta_lr": 0.01}
+    s_moved = mg.train.fit(moved, fam, fam, cfg, tmp_path / "gpu", resume=True, progress=False)
+    for (k, x), (_, y) in zip(gpu.state_dict().items(), moved.state_dict().items()):
+        assert not y.is_cuda and torch.equal(x.cpu(), y), k
+    assert s_moved["loss"]["mean"] == pytest.approx(s_gpu["loss"]["mean"], rel=1e-4)
+
+
+def test_cli_refuses_a_bad_device(tmp_path, capsys):
+    from metagrad.cli import main
+
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "r"), "--device", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", "linreg-depth", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_fit_rejects_bad_training_config(tmp_path):
     with pytest.raises(ValueError, match="iterationz"):
         _tiny_fit(tmp_path / "a", iterationz=3)

@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="train only this variant (repeatable; default: all)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
     e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoints on fresh held-out tasks")
     e.add_argument("dir", type=Path, help="run directory")
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
@@ -30,7 +31,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate under a changed config value (e.g. test_queries=1); repeatable")
     e.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
                    help="evaluate only this variant (repeatable)")
+    e.add_argument("--device", default=None, help="evaluate on this torch device, e.g. cuda (default: cpu)")
     return p
+
+
+def _device(name: str | None):
+    """Check a ``--device`` value before any work starts."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
-                          progress=not args.no_progress, variants=args.variants)
+                          progress=not args.no_progress, variants=args.variants, device=_device(args.device))
             print(json.dumps(summary, indent=2))
             print(f"results in {args.out}", file=sys.stderr)
             return 0
@@ -55,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--tasks must be a positive integer, got {args.tasks}")
             experiment = get_experiment(read_json(cfg_path)["experiment"])
             print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides,
-                                                variants=args.variants), indent=2))
+                                                variants=args.variants, device=_device(args.device)),
+                             indent=2))
             return 0
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)

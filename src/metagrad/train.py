@@ -74,9 +74,19 @@ def _validate(cfg: dict) -> dict:
     return cfg
 
 
+def _draw(family, n: int, gen: torch.Generator, device) -> TaskBatch:
+    """``n`` tasks from ``family`` (drawn with the CPU generator ``gen``, so a seed gives the same
+    tasks on every device), moved to ``device`` when one is given."""
+    batch = family.sample(n, generator=gen)
+    return batch if device is None else TaskBatch(*batch).to(device)
+
+
 def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, batch: int = 500,
-                   steps: int | None = None) -> dict:
+                   steps: int | None = None, device: str | torch.device | None = None) -> dict:
     """Evaluate on ``num_tasks`` tasks drawn from ``family`` with a fixed seed.
+
+    ``device``: where the tasks are moved before evaluation (the learner must be there already);
+    ``None`` leaves them where ``family`` makes them.
 
     Returns ``{"loss": {"mean", "ci95", "by_step", "diverged"}, "metric": {...}}`` where the mean
     and CI are after the final inner step, ``by_step`` lists the mean after 0..steps steps and
@@ -88,13 +98,13 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
     done = 0
     while done < num_tasks:
         n = min(batch, num_tasks - done)
-        out = learner.evaluate(family.sample(n, generator=gen), steps=steps)
+        out = learner.evaluate(_draw(family, n, gen, device), steps=steps)
         for k, v in out.items():
             chunks.setdefault(k, []).append(v)
         done += n
     result = {}
     for k, parts in chunks.items():
-        values = torch.cat(parts).double()  # [tasks, steps + 1]
+        values = torch.cat(parts).double().cpu()  # [tasks, steps + 1]
         finite = torch.isfinite(values)
         mean, ci = mean_ci95(values[:, -1]) if finite[:, -1].all() else (None, None)
         by_step = [m if ok else None for m, ok in zip(values.mean(0).tolist(), finite.all(0).tolist())]
@@ -138,7 +148,8 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
-        resume: bool = False, progress: bool = True, desc: str | None = None) -> dict:
+        resume: bool = False, progress: bool = True, desc: str | None = None,
+        device: str | torch.device | None = None) -> dict:
     """Meta-train ``learner`` on tasks from ``train_family``; evaluate on ``eval_family``.
 
     Args:
@@ -150,10 +161,16 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         run_dir: output folder (created). Holding a checkpoint already, it is resumed when
             ``resume`` is true and refused otherwise.
         resume: continue from ``run_dir/checkpoint.pt`` (a fresh start if there is none yet).
+        device: train there (e.g. ``"cuda"``): the learner is moved to it and every task batch,
+            drawn on the CPU from the same seeded generator as without a device, follows it.
+            Checkpoints load onto any device, so a run started on one can be resumed on another.
 
     Returns the summary also written to ``run_dir/summary.json``.
     """
     cfg = _validate(dict(cfg))
+    if device is not None:
+        device = torch.device(device)
+        learner.to(device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists() and not resume:
@@ -164,7 +181,7 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
     optimizer = make_optimizer(learner.parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg["seed"])
     val_gen = torch.Generator().manual_seed(cfg["seed"] + 10_007)
-    val_batch: TaskBatch = eval_family.sample(cfg["val_tasks"], generator=val_gen)
+    val_batch = _draw(eval_family, cfg["val_tasks"], val_gen, device)
     records: list[dict] = []
     start = 0
     if resume and ckpt_path.exists():
@@ -202,7 +219,7 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
                    desc=desc or run_dir.name, disable=not progress, leave=False, dynamic_ncols=True)
         for i in bar:
             it = i + 1
-            stats = learner.meta_step(train_family.sample(cfg["meta_batch_size"], generator=gen), optimizer)
+            stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device), optimizer)
             new = []
             if it % cfg["log_every"] == 0 or it == cfg["iterations"]:
                 new.append({"iteration": it, "meta_objective": stats["meta_objective"].item(),
@@ -225,7 +242,9 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         checkpoint(cfg["iterations"])
 
     summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
-                             batch=cfg["eval_batch"])
+                             batch=cfg["eval_batch"], device=device)
     summary["iterations"] = cfg["iterations"]
+    if device is not None:
+        summary["device"] = str(device)
     write_json(run_dir / "summary.json", summary)
     return summary

@@ -88,8 +88,11 @@ def _selected(experiment: Experiment, config: dict, names: list[str] | None = No
 
 
 def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
-        progress: bool = True, variants=None) -> dict:
+        progress: bool = True, variants=None, device=None) -> dict:
     """Run (or resume) an experiment into ``out_dir``; returns its summary.
+
+    ``device``: train and evaluate there (``"cuda"``, ``"cuda:1"``; default: the CPU). It is not
+    part of the config: a run started on one device can be resumed on another.
 
     ``variants``: train only these of the experiment's variants (names; recorded in the run's
     ``config.json`` as ``"only"``, so ``resume`` keeps the selection); the report covers them.
@@ -119,7 +122,8 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     for name in names:
         variant = build_variant(experiment, config, name)
         results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
-                            out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}")
+                            out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}",
+                            device=device)
     if len(names) < len(every) and not experiment.partial_report:
         summary = Experiment.report(experiment, config, results, out_dir)
     else:
@@ -129,14 +133,14 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
 
 
 def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | None = None, overrides=(),
-                 variants=None) -> dict:
+                 variants=None, device=None) -> dict:
     """Re-evaluate every variant of a run from its latest checkpoint (fresh held-out tasks);
     writes ``eval.json``.
 
     ``overrides`` (``"key=value"``, as for a run) change the run's config for this evaluation only,
     e.g. ``test_queries=1`` or ``test_steps=10``; they must leave the model's parameters the same
     shape. Each result records them and the checkpoint's ``iteration``. ``variants``: evaluate
-    only these (default: those the run trains).
+    only these (default: those the run trains). ``device``: evaluate there (default: the CPU).
     """
     out_dir = Path(out_dir)
     config = read_json(out_dir / "config.json")
@@ -153,9 +157,11 @@ def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | No
             raise FileNotFoundError(f"{ckpt} does not exist: the variant {name!r} has not been trained")
         state = load_checkpoint(ckpt)
         variant.learner.load_state_dict(state["learner"])
+        if device is not None:
+            variant.learner.to(device)
         cfg = {**state["config"]}
         results[name] = evaluate_tasks(variant.learner, variant.eval_family, tasks or cfg["eval_tasks"],
-                                       seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"])
+                                       seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"], device=device)
         results[name]["iteration"] = state["iteration"]
         if overrides:
             results[name]["overrides"] = overrides
