@@ -51,7 +51,8 @@ Usage::
     python benchmarks/long_horizon.py --workloads conv --K 10 100 --methods unrolled checkpointed implicit
     python benchmarks/long_horizon.py --device cuda --out gpu.json
 
-One JSON object goes to stdout (and ``--out``); progress goes to stderr.
+One JSON object goes to stdout (and ``--out``); progress goes to stderr. ``--out`` is rewritten
+after every point with ``"complete": false``, so a run killed from outside keeps what it measured.
 """
 from __future__ import annotations
 
@@ -238,6 +239,15 @@ def _goals(points: list[dict], ratio: float) -> dict:
     return goals
 
 
+def _save(path: str | None, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` (when given) through a temporary file and a rename."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,6 +325,7 @@ def main(argv=None) -> dict | None:
                         stopped = k
                 point = {"workload_name": wl, "method": method, "K": k, **res}
                 out["points"].append(point)
+                _save(args.out, {**out, "complete": False})  # a killed run keeps its finished points
                 if res["status"] == "ok":
                     _log(f"[{wl}] {method} K={k}: {res['seconds_per_meta_gradient']:.3f} s, "
                          f"peak {res['peak_mb']:.0f} MB (delta {res['delta_mb']:.1f})")
@@ -323,11 +334,9 @@ def main(argv=None) -> dict | None:
     out["goals"] = _goals(out["points"], args.memory_ratio)
     out["loadavg_end"] = list(os.getloadavg())
     out["wall_s"] = round(time.perf_counter() - t0, 2)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    out["complete"] = True
+    print(json.dumps(out, indent=2))
+    _save(args.out, out)
     return out
 
 
