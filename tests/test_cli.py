@@ -37,6 +37,9 @@ def test_run_then_eval(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["deep"]["tasks"] == 50 and result["deep"]["iteration"] == 30
     assert json.loads((out / "eval.json").read_text()) == result
+    # naming the CPU device evaluates the same tasks to the same figures
+    assert main(["eval", str(out), "--tasks", "50", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
     # evaluating under a changed config: more inner steps on the same tasks extend the same curve
     assert main(["eval", str(out), "--tasks", "50", "--set", "inner_steps=3"]) == 0
     longer = json.loads(capsys.readouterr().out)["deep"]
