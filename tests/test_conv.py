@@ -140,3 +140,47 @@ def test_maml_init_is_xavier_uniform_with_zero_biases_and_a_standard_normal_head
     assert (x.head.bias == 0).all() and all((m.bias == 0).all() for m in x.features if isinstance(m, nn.Conv2d))
     with pytest.raises(ValueError, match="init must be"):
         CNN(4, 5, init="he")
+
+
+def test_center_norm_is_tensorflow_batchnorm_shift_only():
+    """norm='center' (Finn et al.'s tf.contrib batch_norm): per-channel batch statistics, eps 1e-3,
+    a learned shift and no scale; checked against the formula written out by hand."""
+    torch.manual_seed(0)
+    net = CNN(2, 5, channels=8, norm="center").double()
+    names = dict(net.named_parameters())
+    assert not any(n.endswith("1.weight") for n in names)  # BatchNorm layers are features.1, features.5
+    assert "features.1.bias" in names and "features.5.bias" in names
+    with torch.no_grad():
+        for m in net.features:
+            if type(m).__name__ == "_ShiftBatchNorm2d":
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+
+    def reference(x):
+        for m in net.features:
+            if type(m).__name__ == "_ShiftBatchNorm2d":
+                mean = x.mean(dim=(0, 2, 3), keepdim=True)
+                var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+                x = (x - mean) / torch.sqrt(var + 1e-3) + m.bias.view(1, -1, 1, 1)
+            else:
+                x = m(x)
+        return net.head(x.flatten(1))
+
+    torch.testing.assert_close(net(x), reference(x), rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in CNN(2, 5, channels=8).parameters()) - 16
+    with pytest.raises(ValueError, match="norm must be"):
+        CNN(2, 5, norm="layer")
+
+
+def test_center_norm_has_second_derivatives():
+    """MAML differentiates through the inner gradient: gradgradcheck the shift-only BatchNorm."""
+    torch.manual_seed(0)
+    bn = CNN(1, 2, channels=3, image_size=4, norm="center").features[1].double()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, b):
+        return torch.func.functional_call(bn, {"bias": b}, (x,)).pow(2).sum(dim=(0, 2, 3))
+
+    assert torch.autograd.gradcheck(f, (x, b))
+    assert torch.autograd.gradgradcheck(f, (x, b))

@@ -88,6 +88,7 @@ class OmniglotMAML(Experiment):
             "channels": 64,
             "downsample": "maxpool",
             "init": "torch",
+            "norm": "affine",
             "inner_lr": 0.4,
             "train_steps": 1,
             "test_steps": 3,
@@ -129,7 +130,7 @@ class OmniglotMAML(Experiment):
                 ways, shots = config["ways"], spec["shots"]
                 train_queries = shots if config["train_queries"] is None else config["train_queries"]
                 model = CNN(config["layers"], ways, channels=config["channels"], downsample=config["downsample"],
-                            init=config["init"])
+                            init=config["init"], norm=config.get("norm", "affine"))
                 learner = MetaLearner(
                     model, F.cross_entropy, rule=config["rule"], lr=config["inner_lr"],
                     meta_gradient=config["meta_gradient"],

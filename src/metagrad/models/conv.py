@@ -13,6 +13,20 @@ from torch import nn
 __all__ = ["CNN", "MNISTNet"]
 
 
+class _ShiftBatchNorm2d(nn.Module):
+    """Batch normalization with a learned per-channel shift and no scale (``tf.contrib.layers.
+    batch_norm``'s defaults, as in Finn et al.'s code). The unit scale is passed to
+    ``F.batch_norm`` as a constant: its double backward needs a weight tensor."""
+
+    def __init__(self, channels: int, eps: float = 1e-3):
+        super().__init__()
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.batch_norm(x, None, None, torch.ones_like(self.bias), self.bias, True, 0.0, self.eps)
+
+
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
@@ -44,6 +58,9 @@ class CNN(nn.Module):
             the conv weights' scale does not change the function but does change the effective
             inner learning rate (the gradient scales as ``1 / ||w||``), so an inner lr tuned for one
             init does not carry to the other.
+        norm: ``"affine"`` (PyTorch's BatchNorm: learned scale and shift, eps 1e-5) or
+            ``"center"`` (Finn et al.'s TensorFlow code, ``tf.contrib.layers.batch_norm`` defaults:
+            a learned shift only, no scale, eps 1e-3).
 
     Attributes:
         features: the ``nn.Sequential`` of blocks.
@@ -61,6 +78,7 @@ class CNN(nn.Module):
         image_size: int = 28,
         downsample: str = "maxpool",
         init: str = "torch",
+        norm: str = "affine",
     ):
         super().__init__()
         _check_int("k", k)
@@ -72,16 +90,15 @@ class CNN(nn.Module):
             raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
         if init not in ("torch", "maml", "xavier"):
             raise ValueError(f"init must be 'torch', 'maml' or 'xavier', got {init!r}")
+        if norm not in ("affine", "center"):
+            raise ValueError(f"norm must be 'affine' or 'center', got {norm!r}")
         self.k, self.ways, self.downsample = k, ways, downsample
         layers: list[nn.Module] = []
         size, cin = image_size, in_channels
         for _ in range(k):
             stride = 2 if downsample == "stride" else 1
-            layers += [
-                nn.Conv2d(cin, channels, 3, stride=stride, padding=1),
-                nn.BatchNorm2d(channels, track_running_stats=False),
-                nn.ReLU(),
-            ]
+            bn = _ShiftBatchNorm2d(channels) if norm == "center" else nn.BatchNorm2d(channels, track_running_stats=False)
+            layers += [nn.Conv2d(cin, channels, 3, stride=stride, padding=1), bn, nn.ReLU()]
             if downsample == "stride":
                 size = (size - 1) // 2 + 1
             elif size > 1:
