@@ -239,15 +239,6 @@ def _goals(points: list[dict], ratio: float) -> dict:
     return goals
 
 
-def _save(path: str | None, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path`` (when given) through a temporary file and a rename."""
-    if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-
-
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,6 +286,11 @@ def main(argv=None) -> dict | None:
     import torch
 
     import metagrad
+    from metagrad._io import write_json
+
+    def save(obj: dict) -> None:
+        if args.out:
+            write_json(args.out, obj)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but torch.cuda.is_available() is False")
@@ -325,7 +321,7 @@ def main(argv=None) -> dict | None:
                         stopped = k
                 point = {"workload_name": wl, "method": method, "K": k, **res}
                 out["points"].append(point)
-                _save(args.out, {**out, "complete": False})  # a killed run keeps its finished points
+                save({**out, "complete": False})  # a killed run keeps its finished points
                 if res["status"] == "ok":
                     _log(f"[{wl}] {method} K={k}: {res['seconds_per_meta_gradient']:.3f} s, "
                          f"peak {res['peak_mb']:.0f} MB (delta {res['delta_mb']:.1f})")
@@ -336,7 +332,7 @@ def main(argv=None) -> dict | None:
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     out["complete"] = True
     print(json.dumps(out, indent=2))
-    _save(args.out, out)
+    save(out)
     return out
 
 

@@ -60,13 +60,13 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert json.loads((ref / "summary.json").read_text()) == json.loads((killed / "summary.json").read_text())
 
 
-def _tiny_fit(run_dir, **train):
+def _tiny_fit(run_dir, *, device=None, resume=False, **train):
     torch.manual_seed(0)
     learner = mg.MetaLearner(linear_chain([1, 1]), mse, lr=0.1, metric_fn=mse)
     fam = mg.LinearRegression1D(shots=5, queries=5)
     cfg = {"iterations": 10, "meta_batch_size": 4, "checkpoint_every": 5, "eval_every": 5, "val_tasks": 8,
            "eval_tasks": 16, "optimizer": "sgd", "meta_lr": 0.01, **train}
-    return learner, mg.train.fit(learner, fam, fam, cfg, run_dir, progress=False)
+    return learner, mg.train.fit(learner, fam, fam, cfg, run_dir, progress=False, resume=resume, device=device)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -102,20 +102,10 @@ def test_run_directory_contents(tmp_path):
         _tiny_fit(tmp_path)
 
 
-def _tiny_fit_on(run_dir, device, model=None):
-    torch.manual_seed(0)
-    learner = mg.MetaLearner(model or linear_chain([1, 8, 1]), mse, lr=0.1, metric_fn=mse)
-    fam = mg.LinearRegression1D(shots=5, queries=5)
-    cfg = {"iterations": 12, "meta_batch_size": 4, "checkpoint_every": 6, "eval_every": 6, "val_tasks": 8,
-           "eval_tasks": 16, "optimizer": "adam", "meta_lr": 0.01}
-    summary = mg.train.fit(learner, fam, fam, cfg, run_dir, progress=False, device=device)
-    return learner, summary
-
-
 def test_fit_on_the_cpu_device_is_the_default_run(tmp_path):
     """``device`` only moves work: naming the CPU gives bitwise the run without a device."""
-    a, sa = _tiny_fit_on(tmp_path / "a", None)
-    b, sb = _tiny_fit_on(tmp_path / "b", "cpu")
+    a, sa = _tiny_fit(tmp_path / "a")
+    b, sb = _tiny_fit(tmp_path / "b", device="cpu")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
     assert sb.pop("device") == "cpu" and "device" not in sa
@@ -126,20 +116,15 @@ def test_fit_on_the_cpu_device_is_the_default_run(tmp_path):
 def test_fit_on_cuda_matches_the_cpu_and_resumes_across_devices(tmp_path):
     """Same seeded tasks on both devices: the CUDA run's parameters and evaluation match the CPU
     run to float32 rounding, and its checkpoint resumes on the CPU."""
-    cpu, s_cpu = _tiny_fit_on(tmp_path / "cpu", None)
-    gpu, s_gpu = _tiny_fit_on(tmp_path / "gpu", "cuda")
+    cpu, s_cpu = _tiny_fit(tmp_path / "cpu")
+    gpu, s_gpu = _tiny_fit(tmp_path / "gpu", device="cuda")
     assert s_gpu["device"].startswith("cuda")
     for (k, x), (_, y) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
         assert y.is_cuda
         torch.testing.assert_close(y.cpu(), x, rtol=1e-4, atol=1e-5, msg=k)
     assert s_gpu["loss"]["mean"] == pytest.approx(s_cpu["loss"]["mean"], rel=1e-3)
     # the finished CUDA run's checkpoint resumes (no steps left) on the CPU with the same parameters
-    torch.manual_seed(1)
-    moved = mg.MetaLearner(linear_chain([1, 8, 1]), mse, lr=0.1, metric_fn=mse)
-    fam = mg.LinearRegression1D(shots=5, queries=5)
-    cfg = {"iterations": 12, "meta_batch_size": 4, "checkpoint_every": 6, "eval_every": 6, "val_tasks": 8,
-           "eval_tasks": 16, "optimizer": "adam", "meta_lr": 0.01}
-    s_moved = mg.train.fit(moved, fam, fam, cfg, tmp_path / "gpu", resume=True, progress=False)
+    moved, s_moved = _tiny_fit(tmp_path / "gpu", resume=True)
     for (k, x), (_, y) in zip(gpu.state_dict().items(), moved.state_dict().items()):
         assert not y.is_cuda and torch.equal(x.cpu(), y), k
     assert s_moved["loss"]["mean"] == pytest.approx(s_gpu["loss"]["mean"], rel=1e-4)
