@@ -13,6 +13,7 @@ References, all float64 and computed without the method under test:
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -151,9 +152,10 @@ def test_adjoint_needs_plain_sgd_and_names_the_rule(rule):
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_adjoint_matches_gradient_flow_closed_form(vectorize):
     b = linreg_batch()
-    segments = None if vectorize else 1  # recomputed segments (stacked) / every state recorded (loop)
+    segments = None if vectorize else 1  # recomputed segments (stacked, record_mb=0) / every state recorded (loop)
     learner = MetaLearner(linreg_model(), mse,
-                          meta_gradient=mg.Adjoint(T=1.0, h=0.01, rtol=1e-10, atol=1e-12, segments=segments))
+                          meta_gradient=mg.Adjoint(T=1.0, h=0.01, rtol=1e-10, atol=1e-12, segments=segments,
+                                                   record_mb=0))
     grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
     ref = flow_meta_gradient(theta_of(learner.model), b, 1.0)
     assert rel(flat(grads), ref) < 1e-4
@@ -181,7 +183,7 @@ def test_adjoint_per_task_horizon_tensor_and_callable():
     model = linreg_model()
     ref = flow_meta_gradient(theta_of(model), b, T)
     for spec, vectorize in ((T, True), (T, False), (lambda batch: T[: batch.num_tasks], True)):
-        method = mg.Adjoint(T=spec, h=0.01, rtol=1e-10, atol=1e-12, segments=None if vectorize else 1)
+        method = mg.Adjoint(T=spec, h=0.01, rtol=1e-10, atol=1e-12, segments=None if vectorize else 1, record_mb=0)
         learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=method)
         grads, stats = learner.meta_gradient_of(b, vectorize=vectorize)
         assert rel(flat(grads), ref) < 1e-4
@@ -201,28 +203,55 @@ def test_adjoint_stacked_and_loop_agree():
 def test_adjoint_recomputed_segments_match_recording_every_state():
     # segments=1 records all K + 1 grid states; more segments keep only the boundaries and
     # re-solve each segment in the backward pass: equal up to the solver tolerance
+    # (segments=None with record_mb=0: round(sqrt(K)) segments; with the default: every state recorded)
     b = mlp_batch()
     out = {}
-    for segments in (1, 3, None):
+    for segments, record_mb in ((1, 64.0), (3, 64.0), (None, 0.0), (None, 64.0)):
         learner = MetaLearner(mlp(), mse, adapt="head",
-                              meta_gradient=mg.Adjoint(T=0.6, h=0.05, rtol=1e-10, atol=1e-12, segments=segments))
-        out[segments] = learner.meta_gradient_of(b)
-    for segments in (3, None):
-        assert rel(flat(out[segments][0]), flat(out[1][0])) < 1e-8
-        assert torch.allclose(out[segments][1]["inner_loss"], out[1][1]["inner_loss"], rtol=1e-8, atol=1e-10)
+                              meta_gradient=mg.Adjoint(T=0.6, h=0.05, rtol=1e-10, atol=1e-12, segments=segments,
+                                                       record_mb=record_mb))
+        out[segments, record_mb] = learner.meta_gradient_of(b)
+    ref = out[1, 64.0]
+    for key in ((3, 64.0), (None, 0.0), (None, 64.0)):
+        assert rel(flat(out[key][0]), flat(ref[0])) < 1e-8
+        assert torch.allclose(out[key][1]["inner_loss"], ref[1]["inner_loss"], rtol=1e-8, atol=1e-10)
+
+
+def test_adjoint_default_segments_record_every_state_within_record_mb(monkeypatch):
+    # segments=None: one segment (no recomputation) iff the K + 1 stacked states fit in record_mb MiB
+    import metagrad.gradients.adjoint as adjoint_module
+
+    seen = []
+    real = adjoint_module._segment_bounds
+    monkeypatch.setattr(adjoint_module, "_segment_bounds", lambda k, n: seen.append(n) or real(k, n))
+    b = mlp_batch()
+    model = mlp()
+    K = 12
+    state_bytes = b.num_tasks * sum(p.numel() * p.element_size() for p in model.parameters())
+    exact = (K + 1) * state_bytes / 2**20
+    for record_mb, expected in ((64.0, 1), (exact, 1), (exact * (1 - 1e-6), None), (0.0, None)):
+        seen.clear()
+        learner = MetaLearner(copy.deepcopy(model), mse,
+                              meta_gradient=mg.Adjoint(T=K * 0.05, h=0.05, rtol=1e-8, atol=1e-10, record_mb=record_mb))
+        learner.meta_gradient_of(b)
+        assert seen == [expected], (record_mb, seen)
+    assert real(K, None) == real(K, round(math.sqrt(K)))  # None there: round(sqrt(K)) segments
+    for bad in (-1.0, math.inf, "64", True):
+        with pytest.raises(ValueError, match="record_mb"):
+            mg.Adjoint(record_mb=bad)
 
 
 # ---------------------------------------------------------------- adjoint: discrete adjoint == unrolled
-@pytest.mark.parametrize("segments", [None, 1, 4])
+@pytest.mark.parametrize("segments,record_mb", [(None, 64.0), (None, 0.0), (1, 64.0), (4, 64.0)])
 @pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("adapt", ["all", "head"])
-def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments):
+def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments, record_mb):
     h, K = 0.1, 6
     b = mlp_batch()
     ref = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(h), meta_gradient="unrolled", schedule=Schedule(K))
     adj = MetaLearner(mlp(), mse, adapt=adapt, rule=mg.SGD(0.7),  # the rule's rate is ignored
                       meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler", backward="discrete",
-                                               segments=segments))
+                                               segments=segments, record_mb=record_mb))
     g_ref, s_ref = ref.meta_gradient_of(b)
     g_adj, s_adj = adj.meta_gradient_of(b, vectorize=vectorize)
     assert max_diff(g_ref, g_adj) < 1e-10
