@@ -21,7 +21,8 @@ Methods (registered meta-gradients, :mod:`metagrad.gradients`): ``unrolled`` (ex
 backprop through every step), ``checkpointed`` (exact, O(sqrt K) stored states, default
 segments), ``implicit`` (iMAML, ``lam=1``, 5 CG steps, K proximal inner steps) and ``adjoint``
 (A-MAML, ``h = inner lr = 0.01``, ``T = K h``, dopri5 at ``--adjoint-rtol`` / ``--adjoint-atol``,
-default torchdiffeq's 1e-7 / 1e-9).
+default torchdiffeq's 1e-7 / 1e-9; default segments: every grid state recorded when the states fit
+in 64 MiB, ``round(sqrt K)`` recomputed segments otherwise).
 
 In float32 those default tolerances sit near the state's rounding level, and on the ReLU/max-pool
 conv net (a right-hand side that is only piecewise smooth) dopri5 then crawls: for one task at
