@@ -117,11 +117,9 @@ class MetaLearner(nn.Module):
         self.phase_names = tuple(_select_phase(self.model, ph.adapt) for ph in phases)
         if not phases:
             return
-        from .gradients.unrolled import Unrolled
-
-        if not isinstance(self.meta_gradient, Unrolled):
+        if not getattr(self.meta_gradient, "supports_phases", False):
             raise ValueError(
-                f"a phased schedule needs the 'unrolled' or 'first-order' meta-gradient; "
+                f"a phased schedule needs the 'unrolled', 'first-order' or 'checkpointed' meta-gradient; "
                 f"{type(self.meta_gradient).__name__} does not support phases"
             )
         for ph, names in zip(phases, self.phase_names):

@@ -33,6 +33,8 @@ class MetaGradient:
 
     #: whether the inner-loop gradients are treated as constants
     first_order: bool = False
+    #: whether it runs a phased schedule (:class:`~metagrad.Phase`, e.g. Wormhole's C steps)
+    supports_phases: bool = False
 
     def task_objective(self, learner: "MetaLearner", meta_params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         raise NotImplementedError

@@ -25,7 +25,8 @@ class Checkpointed(MetaGradient):
 
     The result equals :class:`Unrolled` to float precision for every update rule (SGD, learnable
     SGD, Meta-SGD, Meta-Curvature, Meta-KFO, also with ``adapt_state=True``), adapted subset and
-    ``Schedule(per_step_loss=...)``. It is computed per task with ``torch.func`` only, so it runs
+    ``Schedule(per_step_loss=...)`` and phased schedule (the phases, e.g. Wormhole's C steps, run
+    first and are differentiated as one more segment). It is computed per task with ``torch.func`` only, so it runs
     under ``vmap`` (``vectorize=True``) or in a per-task loop. The returned gradient is a value:
     the checkpoints are detached, so it is not itself differentiable (no third order).
 
@@ -36,6 +37,7 @@ class Checkpointed(MetaGradient):
     """
 
     first_order = False
+    supports_phases = True
 
     def __init__(self, segments: int | None = None):
         if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
@@ -60,28 +62,33 @@ class Checkpointed(MetaGradient):
         rule = learner.rule
         adapts_state = rule.adapts_state
 
-        def support_loss(mp, u):
+        def support_loss(mp, u, carried):
             _, fixed = learner._split(mp)
-            return learner.loss_fn(learner.functional_forward({**fixed, **u}, sx), sy)
+            return learner.loss_fn(learner.functional_forward({**fixed, **carried, **u}, sx), sy)
 
         def init_carry(mp):
-            adapted, _ = learner._split(mp)
-            # (u, rule state, previous u, previous gradient); the last two only for adapts_state rules
-            return (adapted, mp["rule"], {}, {})
+            # (u, rule state, previous u, previous gradient, phase-adapted tensors the steps do not
+            # adapt); previous u and gradient only for adapts_state rules. Aux: the phases' losses.
+            adapted, fixed = learner._split(mp)
+            carried, losses = {}, []
+            if schedule.phases:
+                adapted, carried, losses = learner._run_phases(adapted, fixed, mp["rule"], sx, sy,
+                                                               first_order=False, training=True)
+            return (adapted, mp["rule"], {}, {}, carried), losses
 
         def step(mp, carry, k):
             # one inner step, the same arithmetic as MetaLearner._inner_loop
-            u, state, prev, prev_g = carry
-            g, loss = grad_and_value(lambda ad: support_loss(mp, ad))(u)
+            u, state, prev, prev_g, carried = carry
+            g, loss = grad_and_value(lambda ad: support_loss(mp, ad, carried))(u)
             if not adapts_state:
                 new_u, state = rule.step(u, g, state)
-                return (new_u, state, {}, {}), loss
+                return (new_u, state, {}, {}, carried), loss
             if k > 0:  # Algorithm 1: the state gradient is the vjp of the last step with g
                 _, pull = vjp(lambda st: rule.step(prev, prev_g, st)[0], state)
                 (state_grads,) = pull(g)
                 state = rule.state_step(state, state_grads)
             new_u = rule.step(u, g, state)[0]
-            return (new_u, state, u, g), loss
+            return (new_u, state, u, g, carried), loss
 
         def segment(lo, hi, mp, carry):
             qsum = sx.new_zeros(())
@@ -90,15 +97,17 @@ class Checkpointed(MetaGradient):
                 carry, loss = step(mp, carry, k)
                 losses.append(loss)
                 if per_step:
-                    qsum = qsum + learner._query_loss(mp, carry[0], qx, qy)
+                    qsum = qsum + learner._query_loss(mp, {**carry[4], **carry[0]}, qx, qy)
             return (carry, qsum), torch.stack(losses)
 
         detach = lambda tree: _tree_map(lambda t: t.detach(), tree)  # noqa: E731
         bounds = self.bounds(steps)
 
         # forward: keep the carry at the start of each segment only
-        carry = detach(init_carry(meta_params))
-        starts, inner, qtotal = [], [], sx.new_zeros(())
+        with torch.no_grad():
+            carry, phase_losses = init_carry(meta_params)
+        carry = detach(carry)
+        starts, inner, qtotal = [], [torch.stack(phase_losses)] if phase_losses else [], sx.new_zeros(())
         with torch.no_grad():
             for lo, hi in bounds:
                 starts.append(carry)
@@ -110,12 +119,12 @@ class Checkpointed(MetaGradient):
         # the objective and its cotangent at the end of the trajectory
         if per_step:
             objective = qtotal / steps
-            final_query = learner._query_loss(meta_params, carry[0], qx, qy)
+            final_query = learner._query_loss(meta_params, {**carry[4], **carry[0]}, qx, qy)
             grads = _tree_map(torch.zeros_like, meta_params)
             carry_cot = _tree_map(torch.zeros_like, carry)
             q_cot = sx.new_ones(()) / steps
         else:
-            final_query, pull = vjp(lambda mp, c: learner._query_loss(mp, c[0], qx, qy), meta_params, carry)
+            final_query, pull = vjp(lambda mp, c: learner._query_loss(mp, {**c[4], **c[0]}, qx, qy), meta_params, carry)
             objective = final_query
             grads, carry_cot = pull(torch.ones_like(final_query))
             q_cot = sx.new_zeros(())
@@ -126,7 +135,7 @@ class Checkpointed(MetaGradient):
             seg_grads, carry_cot = pull((carry_cot, q_cot))
             grads = _tree_map(torch.add, grads, seg_grads)
 
-        _, pull = vjp(init_carry, meta_params)
+        _, pull, _ = vjp(init_carry, meta_params, has_aux=True)
         (init_grads,) = pull(carry_cot)
         grads = _tree_map(torch.add, grads, init_grads)
 
