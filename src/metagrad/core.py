@@ -117,10 +117,10 @@ class MetaLearner(nn.Module):
         self.phase_names = tuple(_select_phase(self.model, ph.adapt) for ph in phases)
         if not phases:
             return
-        if not getattr(self.meta_gradient, "supports_phases", False):
+        if getattr(self.meta_gradient, "phases", None) not in ("inline", "wrapped"):
             raise ValueError(
-                f"a phased schedule needs the 'unrolled', 'first-order' or 'checkpointed' meta-gradient; "
-                f"{type(self.meta_gradient).__name__} does not support phases"
+                f"a phased schedule needs a meta-gradient that runs phases (unrolled, first-order, checkpointed, "
+                f"implicit, adjoint); {type(self.meta_gradient).__name__} does not support phases"
             )
         for ph, names in zip(phases, self.phase_names):
             if ph.lr is None:
@@ -273,7 +273,7 @@ class MetaLearner(nn.Module):
         vectorize = self.vectorize if vectorize is None else vectorize
         self._check_phases()  # the schedule or the meta-gradient may have been replaced
         meta_params = self._detached_meta_parameters()
-        grads, objective, aux = self.meta_gradient.batch_gradient(self, meta_params, batch, vectorize)
+        grads, objective, aux = self.meta_gradient.gradient(self, meta_params, batch, vectorize)
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():

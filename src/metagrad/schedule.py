@@ -63,10 +63,11 @@ class Schedule:
         phases: optional :class:`Phase` es run *before* the main steps, in order, for every task
             (e.g. Wormhole MAML's Algorithm 1: ``phases=(Phase("wormhole.*", n_c, lr=gamma),)``
             then ``train_steps = n`` steps on the learner's adapted parameters with its rule).
-            Meta-gradients flow through every phase; the meta-gradients that run phases are
-            ``unrolled``, ``first-order`` and ``checkpointed`` (the others raise ``ValueError``:
-            Reptile, iMAML and the adjoint define their gradient by the main steps' parameters
-            alone). With no phases (the default) the inner loop
+            Meta-gradients flow through every phase. ``unrolled``, ``first-order`` and
+            ``checkpointed`` run the phases in their inner loop; ``implicit`` and ``adjoint`` get
+            the phase-adapted tensors as their starting point and their gradient is pulled back
+            through the phases (:meth:`MetaGradient.gradient`, a per-task loop for the adjoint);
+            ``reptile`` refuses phases (``ValueError``). With no phases (the default) the inner loop
             is exactly the plain one. ``train_steps``/``test_steps``/``per_step_loss`` and the
             columns of :meth:`MetaLearner.evaluate` count the main steps only.
     """

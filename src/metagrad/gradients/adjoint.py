@@ -77,6 +77,10 @@ class Adjoint(MetaGradient):
       solvers do not run under ``vmap``) whose right-hand side is ``vmap`` over tasks; the
       adaptive step size is then shared, so stacked and per-task (``vectorize=False``) results
       agree to the solver tolerance (exactly with ``forward="euler"``).
+    * A phased schedule (e.g. Wormhole's C steps) runs first, differentiably, per task; the flow
+      starts from its result with the phase-only tensors (C) held fixed, and their adjoint
+      gradient is pulled back through the phases (:meth:`MetaGradient.gradient`). The phase
+      steps' support losses then lead ``aux["inner_loss"]``.
     * ``aux["inner_loss"]`` is ``[tasks, K]``: the support loss at the grid states
       ``t_0 .. t_{K-1}`` (the analogue of "before each step").
     * Failure of the forward solve (non-finite state or gradient, step-size underflow, more than
@@ -112,6 +116,7 @@ class Adjoint(MetaGradient):
     """
 
     first_order = False
+    phases = "wrapped"
 
     def __init__(self, T: float | Tensor | Callable = 1.0, h: float = 0.01, *, solver: str = "dopri5",
                  rtol: float = 1e-7, atol: float = 1e-9, forward: str = "ode", backward: str = "heun",

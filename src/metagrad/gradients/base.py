@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
+from torch.func import grad_and_value, vjp
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core import MetaLearner
@@ -33,8 +33,13 @@ class MetaGradient:
 
     #: whether the inner-loop gradients are treated as constants
     first_order: bool = False
-    #: whether it runs a phased schedule (:class:`~metagrad.Phase`, e.g. Wormhole's C steps)
-    supports_phases: bool = False
+    #: how it meets a phased schedule (:class:`~metagrad.Phase`, e.g. Wormhole's C steps):
+    #: ``"inline"``: its own inner loop runs the phases (unrolled, first-order, checkpointed);
+    #: ``"wrapped"``: :meth:`gradient` runs them first, differentiably, and hands the method the
+    #: phase-adapted tensors as its initialization (the tensors only the phases adapt become
+    #: non-adapted parameters of that task), then pulls its gradient back through the phases
+    #: (implicit, adjoint); ``None``: phases are refused (Reptile).
+    phases: str | None = None
 
     def task_objective(self, learner: "MetaLearner", meta_params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):
         raise NotImplementedError
@@ -52,6 +57,37 @@ class MetaGradient:
         leading task dimension.
         """
         grads, (objective, aux) = learner._map_tasks(partial(self.task_gradient, learner), meta_params, batch, vectorize)
+        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
+        return grads, objective.mean(), aux
+
+    def gradient(self, learner: "MetaLearner", meta_params, batch, vectorize: bool):
+        """:meth:`batch_gradient`, with the schedule's phases run first when ``phases == "wrapped"``."""
+        if not (learner.schedule.phases and self.phases == "wrapped"):
+            return self.batch_gradient(learner, meta_params, batch, vectorize)
+
+        def phase_init(mp, sx, sy):
+            adapted, fixed = learner._split(mp)
+            adapted, carried, losses = learner._run_phases(adapted, fixed, mp["rule"], sx, sy,
+                                                           first_order=self.first_order, training=True)
+            return {"model": {**mp["model"], **carried, **adapted}, "rule": mp["rule"]}, losses
+
+        batch_type = type(batch)
+
+        def one_task(mp, sx, sy, qx, qy):
+            start, pull, losses = vjp(lambda m: phase_init(m, sx, sy), mp, has_aux=True)
+            start = torch.utils._pytree.tree_map(lambda t: t.detach(), start)
+            if type(self).batch_gradient is MetaGradient.batch_gradient:  # a per-task method
+                g, (objective, aux) = self.task_gradient(learner, start, sx, sy, qx, qy)
+            else:  # a batch method, on a batch of this one task
+                one = batch_type(sx[None], sy[None], qx[None], qy[None])
+                g, objective, aux = self.batch_gradient(learner, start, one, False)
+                aux = {k: v[0] for k, v in aux.items()}
+            (grads,) = pull(g)
+            inner = torch.cat([torch.stack(losses), aux["inner_loss"]]) if losses else aux["inner_loss"]
+            return grads, (objective, {**aux, "inner_loss": inner})
+
+        vec = vectorize and type(self).batch_gradient is MetaGradient.batch_gradient
+        grads, (objective, aux) = learner._map_tasks(one_task, meta_params, batch, vec)
         grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
         return grads, objective.mean(), aux
 

@@ -37,7 +37,7 @@ class Checkpointed(MetaGradient):
     """
 
     first_order = False
-    supports_phases = True
+    phases = "inline"
 
     def __init__(self, segments: int | None = None):
         if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):

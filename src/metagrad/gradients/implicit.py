@@ -86,6 +86,10 @@ class Implicit(MetaGradient):
     (``u*`` does not depend on the path that found it), ``Schedule.per_step_loss`` is ignored,
     and rules that adapt their state in the inner loop are rejected.
 
+    A phased schedule (e.g. Wormhole's C steps) runs first, differentiably, per task: the
+    proximal problem is anchored at its result, the phase-only tensors (C) are held fixed as
+    ``phi``, and their gradient is pulled back through the phases (:meth:`MetaGradient.gradient`).
+
     The result is exact only when the inner problem is solved (enough ``inner_steps``, a stable
     rate: the proximal objective is ``lam``-strongly convex where ``L_tr`` is convex) and
     ``cg_steps`` reaches the accuracy wanted (at most the number of adapted entries, in exact
@@ -101,6 +105,7 @@ class Implicit(MetaGradient):
     """
 
     first_order = False
+    phases = "wrapped"
 
     def __init__(self, lam: float = 1.0, *, inner_steps: int | None = None, inner_lr: float | None = None,
                  cg_steps: int = 5, damping: float = 0.0):

@@ -10,7 +10,7 @@ class Unrolled(MetaGradient):
     """Exact MAML meta-gradient: backpropagate through every inner step (second order)."""
 
     first_order = False
-    supports_phases = True
+    phases = "inline"
 
     def task_objective(self, learner, meta_params, sx, sy, qx, qy):
         schedule = learner.schedule
