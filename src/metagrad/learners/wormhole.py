@@ -29,6 +29,10 @@ task and receive no meta-gradient (the paper's "Initialize C_i"). With ``learn_i
 parameters, and their initialization is meta-learned through both phases; keep them out of the
 main steps with ``adapt=wormhole.model_patterns()``.
 
+The phases compose with the ``unrolled``, ``first-order``, ``checkpointed``, ``implicit`` and
+``adjoint`` meta-gradients (see :class:`~metagrad.Schedule`) and with every update rule for the
+main steps; ``reptile`` refuses them.
+
 Usage::
 
     wh = Wormhole(nn.Linear(5, 1), form="tanh")
