@@ -30,8 +30,8 @@ parameters, and their initialization is meta-learned through both phases; keep t
 main steps with ``adapt=wormhole.model_patterns()``.
 
 The phases compose with the ``unrolled``, ``first-order``, ``checkpointed``, ``implicit`` and
-``adjoint`` meta-gradients (see :class:`~metagrad.Schedule`) and with every update rule for the
-main steps; ``reptile`` refuses them.
+``adjoint`` meta-gradients (see :class:`~metagrad.Schedule`) and with every update rule that the
+meta-gradient accepts for the main steps; ``reptile`` refuses them.
 
 Usage::
 
