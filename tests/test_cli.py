@@ -106,3 +106,47 @@ def test_variant_selection_trains_only_the_named_variants_and_resume_keeps_it(tm
     capsys.readouterr()
     assert main(["run", "linreg-depth", "--out", str(tmp_path / "x"), "--variant", "medium", *fast]) == 2
     assert "unknown variant 'medium'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_merge_combines_variant_runs_into_the_full_report(tmp_path, capsys):
+    # two processes each train one variant; merged, they give the report of one run of both
+    fast = ["--set", "quick=true", "--set", "train.iterations=4", "--set", "train.eval_tasks=20", "--no-progress"]
+    for name in ("shallow", "deep"):
+        assert main(["run", "linreg-depth", "--out", str(tmp_path / name), "--variant", name, *fast]) == 0
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "both"), *fast]) == 0
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "deep"), str(tmp_path / "shallow"), "--out", str(merged)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    full = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert printed == json.loads((merged / "summary.json").read_text())
+    for name in ("shallow", "deep"):  # the same seeds train the same model alone or together
+        assert printed[name]["post_adapt_mse"] == pytest.approx(full[name]["post_adapt_mse"], rel=1e-6)
+        assert (merged / name / "checkpoint.pt").exists()
+    config = json.loads((merged / "config.json").read_text())
+    assert "only" not in config and config == json.loads((tmp_path / "both" / "config.json").read_text())
+    assert (merged / "linreg_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the merged folder is a normal run: it evaluates and resumes
+    assert main(["eval", str(merged), "--tasks", "5"]) == 0
+    assert main(["run", "linreg-depth", "--out", str(merged), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def refused(args, message):
+        assert main(["merge", *args]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+
+    refused([str(tmp_path / "shallow"), "--out", str(merged)], "already exists")
+    refused([str(tmp_path / "shallow"), str(tmp_path / "both"), "--out", str(tmp_path / "m2")], "'shallow' is in both")
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "lr"), "--variant", "deep", *fast,
+                 "--set", "inner_lr=0.2"]) == 0
+    capsys.readouterr()
+    refused([str(tmp_path / "shallow"), str(tmp_path / "lr"), "--out", str(tmp_path / "m3")], "'inner_lr' differs")
+    refused([str(tmp_path / "nope"), "--out", str(tmp_path / "m4")], "not a metagrad run directory")
+    assert not any((tmp_path / m).exists() for m in ("m2", "m3", "m4"))
+    # a key named in --ignore may differ (the first source's value is kept); one variant alone is a partial run
+    assert main(["merge", str(tmp_path / "shallow"), str(tmp_path / "lr"), "--out", str(tmp_path / "m5"),
+                 "--ignore", "inner_lr"]) == 0
+    assert json.loads((tmp_path / "m5" / "config.json").read_text())["inner_lr"] != 0.2
+    assert main(["merge", str(tmp_path / "deep"), "--out", str(tmp_path / "m6")]) == 0
+    assert json.loads((tmp_path / "m6" / "config.json").read_text())["only"] == ["deep"]

@@ -1,4 +1,4 @@
-"""The ``metagrad`` command line: ``list``, ``run``, ``eval``."""
+"""The ``metagrad`` command line: ``list``, ``run``, ``eval``, ``merge``."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .experiments import EXPERIMENTS, evaluate_run, get_experiment, run
+from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
 from ._io import read_json
 
 
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
                    help="evaluate only this variant (repeatable)")
     e.add_argument("--device", default=None, help="evaluate on this torch device, e.g. cuda (default: cpu)")
+    m = sub.add_parser("merge", help="combine runs of one experiment trained with --variant into one run folder "
+                                     "and write its report (nothing is retrained)")
+    m.add_argument("sources", nargs="+", type=Path, metavar="DIR", help="run directories to combine")
+    m.add_argument("--out", required=True, type=Path, help="the merged run directory (must not exist)")
+    m.add_argument("--ignore", action="append", default=[], metavar="KEY",
+                   help="a top-level config key that may differ between the runs, e.g. vectorize (repeatable)")
     return p
 
 
@@ -74,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides,
                                                 variants=args.variants, device=_device(args.device)),
                              indent=2))
+            return 0
+        if args.command == "merge":
+            cfg_path = args.sources[0] / "config.json"
+            if not cfg_path.exists():
+                raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
+            experiment = get_experiment(read_json(cfg_path)["experiment"])
+            print(json.dumps(merge_runs(experiment, args.out, args.sources, ignore=args.ignore), indent=2))
+            print(f"results in {args.out}", file=sys.stderr)
             return 0
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .._registry import Registry
 from .amaml_regression import AmamlRegression
 from .arnold_vision import ArnoldDepth, ArnoldTable1, ArnoldTable2, ArnoldTable3
-from .base import Experiment, Variant, evaluate_run, run
+from .base import Experiment, Variant, evaluate_run, merge_runs, run
 from .linnet_collapse import LinnetCollapse
 from .linreg_depth import LinregDepth
 from .linreg_landscape import LinregLandscape
@@ -25,4 +25,4 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS.make(name)
 
 
-__all__ = ["Experiment", "Variant", "EXPERIMENTS", "get_experiment", "run", "evaluate_run"]
+__all__ = ["Experiment", "Variant", "EXPERIMENTS", "get_experiment", "run", "evaluate_run", "merge_runs"]

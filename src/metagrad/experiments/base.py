@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._io import read_json, write_json
+from .._io import _umask, read_json, write_json
 from ..config import apply_overrides, _split_override
 from ..core import MetaLearner
 from ..train import CHECKPOINT, evaluate_tasks, fit, load_checkpoint
@@ -124,11 +124,84 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
                             out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}",
                             device=device)
-    if len(names) < len(every) and not experiment.partial_report:
+    return _write_report(experiment, config, results, out_dir, partial=len(names) < len(every))
+
+
+def _write_report(experiment: Experiment, config: dict, results: dict, out_dir: Path, *, partial: bool) -> dict:
+    if partial and not experiment.partial_report:
         summary = Experiment.report(experiment, config, results, out_dir)
     else:
         summary = experiment.report(config, results, out_dir)
     write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=()) -> dict:
+    """Combine run folders of one experiment, each trained with some of its variants (``metagrad
+    run --variant``, e.g. side by side on one GPU), into ``out_dir`` and write the experiment's
+    report there; returns the summary. Nothing is trained or evaluated: each variant's folder
+    (checkpoint, metrics, ``summary.json``) is copied as it is.
+
+    The sources' configs must be equal apart from ``"only"`` and the keys in ``ignore`` (e.g.
+    ``vectorize`` or ``cache_dir``, which change speed, not results), which take the first
+    source's value; a variant may come from one source only, and every variant must have finished
+    (its ``summary.json`` exists). ``out_dir`` must not exist: it is built beside itself under a
+    temporary name and renamed at the end, so a failure leaves nothing there.
+    """
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    sources = [Path(s) for s in sources]
+    if not sources:
+        raise ValueError("merge needs at least one source run folder")
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new folder for the merged run")
+    ignore = set(ignore)
+    configs = []
+    for src in sources:
+        cfg_path = src / "config.json"
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
+        configs.append(read_json(cfg_path))
+    first = configs[0]
+    if first.get("experiment") != experiment.name:
+        raise ValueError(f"{sources[0]} holds a {first.get('experiment')!r} run, not {experiment.name!r}")
+    skip = {"only"} | ignore
+    for src, cfg in zip(sources[1:], configs[1:]):
+        for key in sorted((set(first) | set(cfg)) - skip):
+            if first.get(key) != cfg.get(key):
+                raise ValueError(f"config key {key!r} differs: {first.get(key)!r} in {sources[0]}, "
+                                 f"{cfg.get(key)!r} in {src} (pass it in ignore / --ignore if it does not "
+                                 f"change results)")
+    config = {k: v for k, v in first.items() if k != "only"}
+    every = list(experiment.variants(config))
+    owner: dict[str, Path] = {}
+    for src, cfg in zip(sources, configs):
+        for name in _selected(experiment, cfg, every):
+            if not (src / name / "summary.json").exists():
+                continue  # not trained to the end there
+            if name in owner:
+                raise ValueError(f"variant {name!r} is in both {owner[name]} and {src}")
+            owner[name] = src
+    if not owner:
+        raise ValueError(f"no finished variant in {', '.join(map(str, sources))}")
+    names = [n for n in every if n in owner]
+    if len(names) < len(every):
+        config["only"] = names
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
+        for name in names:
+            shutil.copytree(owner[name] / name, tmp / name)
+        write_json(tmp / "config.json", config)
+        results = {name: read_json(tmp / name / "summary.json") for name in names}
+        summary = _write_report(experiment, config, results, tmp, partial=len(names) < len(every))
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return summary
 
 
