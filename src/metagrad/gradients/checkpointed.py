@@ -26,8 +26,8 @@ class Checkpointed(MetaGradient):
     The result equals :class:`Unrolled` to float precision for every update rule (SGD, learnable
     SGD, Meta-SGD, Meta-Curvature, Meta-KFO, also with ``adapt_state=True``), adapted subset and
     ``Schedule(per_step_loss=...)`` and phased schedule (the phases, e.g. Wormhole's C steps, run
-    first and are differentiated as one more segment). It is computed per task with ``torch.func`` only, so it runs
-    under ``vmap`` (``vectorize=True``) or in a per-task loop. The returned gradient is a value:
+    first and are differentiated as one more segment). It is computed per task with ``torch.func``
+    only, so it runs under ``vmap`` (``vectorize=True``) or in a per-task loop. The returned gradient is a value:
     the checkpoints are detached, so it is not itself differentiable (no third order).
 
     Args:
