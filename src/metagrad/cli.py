@@ -56,6 +56,14 @@ def _device(name: str | None):
     return device
 
 
+def _experiment_of(run_dir: Path):
+    """The experiment that made the run in ``run_dir`` (from its ``config.json``)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
+    return get_experiment(read_json(cfg_path)["experiment"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -71,21 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results in {args.out}", file=sys.stderr)
             return 0
         if args.command == "eval":
-            cfg_path = args.dir / "config.json"
-            if not cfg_path.exists():
-                raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
             if args.tasks is not None and args.tasks < 1:
                 raise ValueError(f"--tasks must be a positive integer, got {args.tasks}")
-            experiment = get_experiment(read_json(cfg_path)["experiment"])
+            experiment = _experiment_of(args.dir)
             print(json.dumps(evaluate_run(experiment, args.dir, tasks=args.tasks, overrides=args.overrides,
                                                 variants=args.variants, device=_device(args.device)),
                              indent=2))
             return 0
         if args.command == "merge":
-            cfg_path = args.sources[0] / "config.json"
-            if not cfg_path.exists():
-                raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
-            experiment = get_experiment(read_json(cfg_path)["experiment"])
+            experiment = _experiment_of(args.sources[0])
             print(json.dumps(merge_runs(experiment, args.out, args.sources, ignore=args.ignore), indent=2))
             print(f"results in {args.out}", file=sys.stderr)
             return 0

@@ -32,8 +32,8 @@ other runs): query CE sum over 5,000 test tasks, +- 95% CI, paper's Table 1 in b
 diag beats vanilla at 1 and 2 steps, as in the paper, and ties at 5; tanh is *worse* than vanilla
 at every step count, the opposite of the paper's largest effect. For the 1-step tanh: both theta
 collapse to ~0 and the inner step only moves the bias: with ``mean(x)`` of 5 uniforms concentrated
-at 0.5 (std 0.13) most tasks are one-class, and near theta = 0 the C phase gets almost no gradient, so tanh(t) stays at ~0.9
-(c_steps up to 5 and c_lr up to 10 changed nothing at 20 epochs). Unverified guesses: the paper's
+at 0.5 (std 0.13) most tasks are one-class, and near theta = 0 the C phase gets almost no gradient,
+so tanh(t) stays at ~0.9 (c_steps up to 5 and c_lr up to 10 changed nothing at 20 epochs). Unverified guesses: the paper's
 data sampling (balanced batches, its eq. 13 discussion), C's init or its (unstated) gamma differ.
 Nor is there a better basin that training misses: at the "averaging and thresholding" theta of
 Fig. 3b (``w = k/5 * 1``, ``b = -k/2``) the 1-step query CE sum is, for k = 0 / 3 / 10 / 30, vanilla

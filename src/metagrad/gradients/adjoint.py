@@ -153,8 +153,8 @@ class Adjoint(MetaGradient):
 
     def __repr__(self) -> str:
         return (f"Adjoint(T={self.T!r}, h={self.h!r}, solver={self.solver!r}, rtol={self.rtol!r}, "
-                f"atol={self.atol!r}, forward={self.forward!r}, backward={self.backward!r}, segments={self.segments!r}, "
-                f"record_mb={self.record_mb!r})")
+                f"atol={self.atol!r}, forward={self.forward!r}, backward={self.backward!r}, "
+                f"segments={self.segments!r}, record_mb={self.record_mb!r})")
 
     @staticmethod
     def _check_T(T):

@@ -72,11 +72,12 @@ class MetaGradient:
             return {"model": {**mp["model"], **carried, **adapted}, "rule": mp["rule"]}, losses
 
         batch_type = type(batch)
+        per_task = type(self).batch_gradient is MetaGradient.batch_gradient  # else a whole-batch method
 
         def one_task(mp, sx, sy, qx, qy):
             start, pull, losses = vjp(lambda m: phase_init(m, sx, sy), mp, has_aux=True)
             start = torch.utils._pytree.tree_map(lambda t: t.detach(), start)
-            if type(self).batch_gradient is MetaGradient.batch_gradient:  # a per-task method
+            if per_task:
                 g, (objective, aux) = self.task_gradient(learner, start, sx, sy, qx, qy)
             else:  # a batch method, on a batch of this one task
                 one = batch_type(sx[None], sy[None], qx[None], qy[None])
@@ -86,8 +87,7 @@ class MetaGradient:
             inner = torch.cat([torch.stack(losses), aux["inner_loss"]]) if losses else aux["inner_loss"]
             return grads, (objective, {**aux, "inner_loss": inner})
 
-        vec = vectorize and type(self).batch_gradient is MetaGradient.batch_gradient
-        grads, (objective, aux) = learner._map_tasks(one_task, meta_params, batch, vec)
+        grads, (objective, aux) = learner._map_tasks(one_task, meta_params, batch, vectorize and per_task)
         grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
         return grads, objective.mean(), aux
 
