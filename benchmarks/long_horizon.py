@@ -21,15 +21,18 @@ Methods (registered meta-gradients, :mod:`metagrad.gradients`): ``unrolled`` (ex
 backprop through every step), ``checkpointed`` (exact, O(sqrt K) stored states, default
 segments), ``implicit`` (iMAML, ``lam=1``, 5 CG steps, K proximal inner steps) and ``adjoint``
 (A-MAML, ``h = inner lr = 0.01``, ``T = K h``, dopri5 at ``--adjoint-rtol`` / ``--adjoint-atol``,
-default torchdiffeq's 1e-7 / 1e-9; default segments: every grid state recorded when the states fit
-in 64 MiB, ``round(sqrt K)`` recomputed segments otherwise).
+default :class:`~metagrad.gradients.Adjoint`'s: 1e-5 / 1e-7 for these float32 workloads (earlier
+runs used torchdiffeq's 1e-7 / 1e-9; each result in ``benchmarks/README.md`` says which); default segments:
+every grid state recorded when the states fit in 64 MiB, ``round(sqrt K)`` recomputed segments
+otherwise).
 
-In float32 those default tolerances sit near the state's rounding level, and on the ReLU/max-pool
-conv net (a right-hand side that is only piecewise smooth) dopri5 then crawls: for one task at
-K = 10 (T = 0.1), 1 thread on a loaded 2-core machine, the forward solve plus Heun backward took
-about 51 s at rtol 1e-5 / atol 1e-7, 10 s at 1e-4 / 1e-6 and 4.7 s at 1e-3 / 1e-5, against 1.2 s
-for unrolled MAML (the default-tolerance point timed out at 150 s). Pass looser tolerances for
-float32 conv workloads and report them with the result (``settings.adjoint_tolerances``).
+On the ReLU/max-pool conv net (a right-hand side that is only piecewise smooth) dopri5 crawls at
+tight float32 tolerances: for one task at K = 10 (T = 0.1), 1 thread on a loaded 2-core machine,
+the forward solve plus Heun backward took about 51 s at rtol 1e-5 / atol 1e-7, 10 s at 1e-4 /
+1e-6 and 4.7 s at 1e-3 / 1e-5, against 1.2 s for unrolled MAML (the 1e-7 / 1e-9 point timed out
+at 150 s). Pass looser tolerances for conv workloads and report them with the result
+(``settings.adjoint_tolerances``). ``--adjoint-backward heun-pec`` times the one-HVP-a-step
+variant of the Heun backward (``Adjoint(backward="heun-pec")``).
 
 Workloads:
 
@@ -91,13 +94,23 @@ def _peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def _meta_gradient(method: str, steps: int, tolerances: dict | None = None):
+def _tolerances(args) -> dict:
+    """The adjoint tolerances a run uses (the library's float32 defaults where not given)."""
+    import torch
+    from metagrad.gradients.adjoint import DEFAULT_TOLERANCES
+
+    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
+    return {"rtol": rtol if args.adjoint_rtol is None else args.adjoint_rtol,
+            "atol": atol if args.adjoint_atol is None else args.adjoint_atol}
+
+
+def _meta_gradient(method: str, steps: int, adjoint_options: dict | None = None):
     from metagrad.gradients import make_meta_gradient
 
     if method == "implicit":
         return make_meta_gradient("implicit", **IMPLICIT)
     if method == "adjoint":
-        return make_meta_gradient("adjoint", T=round(steps * ADJOINT_H, 10), h=ADJOINT_H, **(tolerances or {}))
+        return make_meta_gradient("adjoint", T=round(steps * ADJOINT_H, 10), h=ADJOINT_H, **(adjoint_options or {}))
     return make_meta_gradient(method)
 
 
@@ -130,7 +143,7 @@ def _workload(name: str, device, generator):
 
 
 def run_point(workload: str, method: str, steps: int, *, device: str, repeats: int, seed: int,
-              tolerances: dict | None = None) -> dict:
+              adjoint_options: dict | None = None) -> dict:
     import torch
 
     from metagrad import MetaLearner, Schedule
@@ -140,7 +153,7 @@ def run_point(workload: str, method: str, steps: int, *, device: str, repeats: i
     model, loss_fn, batch, vectorize, desc = _workload(workload, dev, torch.Generator().manual_seed(seed + 1))
 
     def learner(k):
-        return MetaLearner(model, loss_fn, lr=INNER_LR, meta_gradient=_meta_gradient(method, k, tolerances),
+        return MetaLearner(model, loss_fn, lr=INNER_LR, meta_gradient=_meta_gradient(method, k, adjoint_options),
                            schedule=Schedule(k), vectorize=vectorize)
 
     def sync():
@@ -186,7 +199,10 @@ def _spawn(args, workload: str, method: str, steps: int) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.memory_limit_gb is not None:
         cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
-    cmd += ["--adjoint-rtol", str(args.adjoint_rtol), "--adjoint-atol", str(args.adjoint_atol)]
+    cmd += ["--adjoint-backward", args.adjoint_backward]
+    for flag, value in (("--adjoint-rtol", args.adjoint_rtol), ("--adjoint-atol", args.adjoint_atol)):
+        if value is not None:
+            cmd += [flag, str(value)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -247,7 +263,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--K", nargs="+", type=int, default=list(KS), help="inner step counts")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["mlp"])
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per point (subprocess), then reported as timeout")
-    p.add_argument("--repeats", type=int, default=1, help="timed meta-gradients per point (median reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed meta-gradients per point (median reported; the first at a new K also grows the heap)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each point")
     p.add_argument("--seed", type=int, default=0)
@@ -255,9 +272,12 @@ def main(argv=None) -> dict | None:
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="address-space limit of each point (CPU): a point over it fails with an error "
                         "instead of exhausting a shared machine")
-    p.add_argument("--adjoint-rtol", type=float, default=1e-7,
-                   help="dopri5 relative tolerance of the adjoint's forward solve (default: torchdiffeq's)")
-    p.add_argument("--adjoint-atol", type=float, default=1e-9, help="dopri5 absolute tolerance (default: torchdiffeq's)")
+    p.add_argument("--adjoint-rtol", type=float, default=None,
+                   help="dopri5 relative tolerance of the adjoint's forward solve (default: Adjoint's, by dtype)")
+    p.add_argument("--adjoint-atol", type=float, default=None,
+                   help="dopri5 absolute tolerance (default: Adjoint's, by dtype)")
+    p.add_argument("--adjoint-backward", choices=["heun", "heun-pec"], default="heun",
+                   help="the adjoint's backward scheme (default: the paper's Heun)")
     p.add_argument("--no-skip", action="store_true", help="also run larger K after a timeout")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     p.add_argument("--point", nargs=3, metavar=("WORKLOAD", "METHOD", "K"), help=argparse.SUPPRESS)
@@ -278,7 +298,9 @@ def main(argv=None) -> dict | None:
         wl, method, k = args.point
         try:
             res = run_point(wl, method, int(k), device=args.device, repeats=args.repeats, seed=args.seed,
-                            tolerances={"rtol": args.adjoint_rtol, "atol": args.adjoint_atol})
+                            adjoint_options={"backward": args.adjoint_backward, **{
+                                k: v for k, v in (("rtol", args.adjoint_rtol), ("atol", args.adjoint_atol))
+                                if v is not None}})
         except Exception as e:  # reported, not hidden: e.g. a meta-gradient not implemented yet
             res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(res), flush=True)
@@ -303,7 +325,7 @@ def main(argv=None) -> dict | None:
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "settings": {"inner_lr": INNER_LR, "adjoint_h": ADJOINT_H,
-                     "adjoint_tolerances": {"rtol": args.adjoint_rtol, "atol": args.adjoint_atol},
+                     "adjoint_tolerances": _tolerances(args), "adjoint_backward": args.adjoint_backward,
                      "implicit": IMPLICIT, "repeats": args.repeats, "timeout_s": args.timeout, "seed": args.seed,
                      "memory_limit_gb": args.memory_limit_gb},
         "loadavg_start": list(os.getloadavg()), "points": [],

@@ -164,17 +164,49 @@ def test_adjoint_matches_gradient_flow_closed_form(vectorize):
     assert (stats["inner_loss"][:, -1] < stats["inner_loss"][:, 0]).all()  # the flow descends
 
 
-def test_adjoint_heun_error_is_second_order_in_h():
+@pytest.mark.parametrize("backward", ["heun", "heun-pec"])
+def test_adjoint_heun_error_is_second_order_in_h(backward):
     b = linreg_batch()
     model = linreg_model()
     ref = flow_meta_gradient(theta_of(model), b, 1.0)
     errors = []
     for h in (0.05, 0.025):
-        learner = MetaLearner(copy.deepcopy(model), mse,
-                              meta_gradient=mg.Adjoint(T=1.0, h=h, rtol=1e-11, atol=1e-13, segments=1))
+        learner = MetaLearner(copy.deepcopy(model), mse, meta_gradient=mg.Adjoint(
+            T=1.0, h=h, rtol=1e-11, atol=1e-13, segments=1, backward=backward))
         errors.append(rel(flat(learner.meta_gradient_of(b)[0]), ref))
     assert errors[1] < errors[0]
     assert 3.6 < errors[0] / errors[1] < 4.4, errors
+
+
+def test_adjoint_heun_pec_is_second_order_for_non_adapted_parameters():
+    # ANIL-style: the body's gradient comes from the mixed term, which PEC takes at the predicted
+    # lambda; reference: the paper's Heun (PECE) on a grid 8x finer
+    b = mlp_batch()
+    model = mlp()
+
+    def gradient(h, backward):
+        learner = MetaLearner(copy.deepcopy(model), mse, adapt="head", meta_gradient=mg.Adjoint(
+            T=1.0, h=h, rtol=1e-11, atol=1e-13, segments=1, backward=backward))
+        return learner.meta_gradient_of(b)[0]["model"]
+
+    ref = gradient(0.0125 / 8, "heun")
+    coarse, fine = gradient(0.05, "heun-pec"), gradient(0.025, "heun-pec")
+    for name in ("0.weight", "2.weight"):  # body (mixed term) and head (lambda(0))
+        e0, e1 = rel(coarse[name], ref[name]), rel(fine[name], ref[name])
+        assert 3.3 < e0 / e1 < 4.7, (name, e0, e1)
+        assert e1 < 1e-3
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float64, (1e-7, 1e-9)), (torch.float32, (1e-5, 1e-7))])
+def test_adjoint_default_tolerances_follow_the_dtype(dtype, expected):
+    assert mg.Adjoint().tolerances(dtype) == expected
+    assert mg.Adjoint(rtol=1e-3).tolerances(dtype) == (1e-3, expected[1])
+    b = TaskBatch(*(t.to(dtype) for t in mlp_batch()))
+    grads = []
+    for method in (mg.Adjoint(T=0.3, h=0.01), mg.Adjoint(T=0.3, h=0.01, rtol=expected[0], atol=expected[1])):
+        learner = MetaLearner(mlp().to(dtype), mse, meta_gradient=method)
+        grads.append(flat(learner.meta_gradient_of(b)[0]))
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_adjoint_per_task_horizon_tensor_and_callable():
