@@ -291,6 +291,31 @@ def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments, reco
     assert torch.allclose(s_ref["query_loss"], s_adj["query_loss"], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("adapt", ["all", "head"])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_adjoint_euler_discrete_equals_unrolled_through_batchnorm(adapt, vectorize):
+    # the adjoint's Hessian-vector products use autograd through a vmap over tasks; check them
+    # through training-mode BatchNorm (batch statistics) against the engine's unrolled MAML
+    h, K = 0.1, 4
+    g = torch.Generator().manual_seed(3)
+    b = TaskBatch(torch.randn(3, 4, 1, 5, 5, generator=g, dtype=DT), torch.randint(0, 2, (3, 4), generator=g),
+                  torch.randn(3, 6, 1, 5, 5, generator=g, dtype=DT), torch.randint(0, 2, (3, 6), generator=g))
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(18, 2)).to(DT)
+
+    loss = nn.functional.cross_entropy
+    ref = MetaLearner(net(), loss, adapt=adapt, rule=mg.SGD(h), meta_gradient="unrolled", schedule=Schedule(K))
+    adj = MetaLearner(net(), loss, adapt=adapt, meta_gradient=mg.Adjoint(T=K * h, h=h, forward="euler",
+                                                                         backward="discrete"))
+    g_ref, _ = ref.meta_gradient_of(b)
+    g_adj, _ = adj.meta_gradient_of(b, vectorize=vectorize)
+    assert max_diff(g_ref, g_adj) < 1e-10
+    assert flat(g_ref).abs().max() > 1e-3
+
+
 def test_adjoint_euler_heun_approaches_discrete_adjoint_for_the_linear_model():
     # with Euler forward and a constant Hessian, Heun's backward differs from the exact discrete
     # adjoint (I - hH)^K only by O(h): check it against the matrix power directly
