@@ -222,17 +222,20 @@ def test_adjoint_per_task_horizon_tensor_and_callable():
         assert stats["inner_loss"].shape == (3, 100)  # K = round(max T / h) steps for every task
 
 
-def test_adjoint_stacked_and_loop_agree():
+@pytest.mark.parametrize("backward", ["heun", "heun-pec"])
+def test_adjoint_stacked_and_loop_agree(backward):
     # (Euler forward: exactly, see test_adjoint_euler_discrete_equals_unrolled)
     b = mlp_batch()
-    learner = MetaLearner(mlp(), mse, adapt="head", meta_gradient=mg.Adjoint(T=0.5, h=0.05, rtol=1e-10, atol=1e-12))
+    learner = MetaLearner(mlp(), mse, adapt="head", meta_gradient=mg.Adjoint(T=0.5, h=0.05, rtol=1e-10, atol=1e-12,
+                                                                             backward=backward))
     g_stack, s_stack = learner.meta_gradient_of(b, vectorize=True)
     g_loop, s_loop = learner.meta_gradient_of(b, vectorize=False)
     assert rel(flat(g_stack), flat(g_loop)) < 1e-7
     assert torch.allclose(s_stack["inner_loss"], s_loop["inner_loss"], rtol=1e-8, atol=1e-10)
 
 
-def test_adjoint_recomputed_segments_match_recording_every_state():
+@pytest.mark.parametrize("backward", ["heun", "heun-pec"])
+def test_adjoint_recomputed_segments_match_recording_every_state(backward):
     # segments=1 records all K + 1 grid states; more segments keep only the boundaries and
     # re-solve each segment in the backward pass: equal up to the solver tolerance
     # (segments=None with record_mb=0: round(sqrt(K)) segments; with the default: every state recorded)
@@ -241,7 +244,7 @@ def test_adjoint_recomputed_segments_match_recording_every_state():
     for segments, record_mb in ((1, 64.0), (3, 64.0), (None, 0.0), (None, 64.0)):
         learner = MetaLearner(mlp(), mse, adapt="head",
                               meta_gradient=mg.Adjoint(T=0.6, h=0.05, rtol=1e-10, atol=1e-12, segments=segments,
-                                                       record_mb=record_mb))
+                                                       record_mb=record_mb, backward=backward))
         out[segments, record_mb] = learner.meta_gradient_of(b)
     ref = out[1, 64.0]
     for key in ((3, 64.0), (None, 0.0), (None, 64.0)):
