@@ -32,7 +32,8 @@ the forward solve plus Heun backward took about 51 s at rtol 1e-5 / atol 1e-7, 1
 1e-6 and 4.7 s at 1e-3 / 1e-5, against 1.2 s for unrolled MAML (the 1e-7 / 1e-9 point timed out
 at 150 s). Pass looser tolerances for conv workloads and report them with the result
 (``settings.adjoint_tolerances``). ``--adjoint-backward heun-pec`` times the one-HVP-a-step
-variant of the Heun backward (``Adjoint(backward="heun-pec")``).
+variant of the Heun backward (``Adjoint(backward="heun-pec")``), ``--adjoint-record-mb`` another
+``record_mb``.
 
 Workloads:
 
@@ -92,6 +93,12 @@ def _rss_mb() -> float:
 def _peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _adjoint_options(args) -> dict:
+    """The ``Adjoint`` options given on the command line (``backward`` always)."""
+    given = {"rtol": args.adjoint_rtol, "atol": args.adjoint_atol, "record_mb": args.adjoint_record_mb}
+    return {"backward": args.adjoint_backward, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _tolerances(args) -> dict:
@@ -199,10 +206,8 @@ def _spawn(args, workload: str, method: str, steps: int) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.memory_limit_gb is not None:
         cmd += ["--memory-limit-gb", str(args.memory_limit_gb)]
-    cmd += ["--adjoint-backward", args.adjoint_backward]
-    for flag, value in (("--adjoint-rtol", args.adjoint_rtol), ("--adjoint-atol", args.adjoint_atol)):
-        if value is not None:
-            cmd += [flag, str(value)]
+    for key, value in _adjoint_options(args).items():
+        cmd += [f"--adjoint-{key.replace('_', '-')}", str(value)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -278,6 +283,8 @@ def main(argv=None) -> dict | None:
                    help="dopri5 absolute tolerance (default: Adjoint's, by dtype)")
     p.add_argument("--adjoint-backward", choices=["heun", "heun-pec"], default="heun",
                    help="the adjoint's backward scheme (default: the paper's Heun)")
+    p.add_argument("--adjoint-record-mb", type=float, default=None,
+                   help="Adjoint(record_mb=): MiB for recording every grid state (default: Adjoint's, 64)")
     p.add_argument("--no-skip", action="store_true", help="also run larger K after a timeout")
     p.add_argument("--out", default=None, help="also write the JSON object to this file")
     p.add_argument("--point", nargs=3, metavar=("WORKLOAD", "METHOD", "K"), help=argparse.SUPPRESS)
@@ -298,9 +305,7 @@ def main(argv=None) -> dict | None:
         wl, method, k = args.point
         try:
             res = run_point(wl, method, int(k), device=args.device, repeats=args.repeats, seed=args.seed,
-                            adjoint_options={"backward": args.adjoint_backward, **{
-                                k: v for k, v in (("rtol", args.adjoint_rtol), ("atol", args.adjoint_atol))
-                                if v is not None}})
+                            adjoint_options=_adjoint_options(args))
         except Exception as e:  # reported, not hidden: e.g. a meta-gradient not implemented yet
             res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
         print(json.dumps(res), flush=True)
@@ -326,6 +331,7 @@ def main(argv=None) -> dict | None:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "settings": {"inner_lr": INNER_LR, "adjoint_h": ADJOINT_H,
                      "adjoint_tolerances": _tolerances(args), "adjoint_backward": args.adjoint_backward,
+                     "adjoint_record_mb": args.adjoint_record_mb,
                      "implicit": IMPLICIT, "repeats": args.repeats, "timeout_s": args.timeout, "seed": args.seed,
                      "memory_limit_gb": args.memory_limit_gb},
         "loadavg_start": list(os.getloadavg()), "points": [],
