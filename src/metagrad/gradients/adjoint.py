@@ -63,8 +63,9 @@ class Adjoint(MetaGradient):
     ``H(u_j) lambda_j`` at the corrected value (PECE, the paper's), which costs the same again.
     The difference ``H(u_j)(lambda_j - lambda~_j)`` is ``O(h^2)``, so the global error stays
     ``O(h^2)``: on the ``amaml-regression`` MLP (T = 2, h = 0.01) the relative error against a
-    float64 reference is 8.8e-5 against 6.8e-5 for PECE, and the meta-gradient takes 0.54 s
-    against 0.64 s (1.30 s against 1.60 s at T = 5, where unrolled MAML takes 0.92 s).
+    float64 reference is 8.8e-5 against 6.8e-5 for PECE, and the meta-gradient takes 0.42 s
+    against 0.49 s; at T = 5 (K = 500, 100 shots) 1.0 s against 1.45 s, where unrolled MAML takes
+    1.2 s (``benchmarks/README.md``).
 
     ``forward="euler"`` replaces the ODE solver by ``K`` explicit Euler steps
     ``u_{k+1} = u_k - h grad L_tr(u_k)``, i.e. MAML's inner loop with SGD at rate ``h``.
@@ -118,7 +119,7 @@ class Adjoint(MetaGradient):
             1e-5 / 1e-7 for float32 and below, whose rounding (eps 1.2e-7) sits at 1e-7, so a
             tighter control only chases rounding noise. On the ``amaml-regression`` MLP (5 tasks,
             T = 2, h = 0.01, float32) 1e-5 / 1e-7 takes 128 right-hand sides per solve against
-            290 and the meta-gradient 0.64 s against 0.86 s, while its relative error against a
+            290 and the meta-gradient 0.51 s against 0.71 s, while its relative error against a
             float64 reference (h = 0.0025, rtol 1e-12) stays 6.5e-5, the Heun backward's own
             ``O(h^2)`` error. On ReLU / max-pool nets (a piecewise smooth flow) dopri5 still takes
             many small steps at these: use 1e-4 / 1e-6 or looser there
