@@ -22,9 +22,9 @@ backprop through every step), ``checkpointed`` (exact, O(sqrt K) stored states, 
 segments), ``implicit`` (iMAML, ``lam=1``, 5 CG steps, K proximal inner steps) and ``adjoint``
 (A-MAML, ``h = inner lr = 0.01``, ``T = K h``, dopri5 at ``--adjoint-rtol`` / ``--adjoint-atol``,
 default :class:`~metagrad.gradients.Adjoint`'s: 1e-5 / 1e-7 for these float32 workloads (earlier
-runs used torchdiffeq's 1e-7 / 1e-9; each result in ``benchmarks/README.md`` says which); default segments:
-every grid state recorded when the states fit in 64 MiB, ``round(sqrt K)`` recomputed segments
-otherwise).
+runs used torchdiffeq's 1e-7 / 1e-9; each result in ``benchmarks/README.md`` says which);
+default segments: every grid state recorded when the states fit in 64 MiB, ``round(sqrt K)``
+recomputed segments otherwise).
 
 On the ReLU/max-pool conv net (a right-hand side that is only piecewise smooth) dopri5 crawls at
 tight float32 tolerances: for one task at K = 10 (T = 0.1), 1 thread on a loaded 2-core machine,
@@ -102,13 +102,12 @@ def _adjoint_options(args) -> dict:
 
 
 def _tolerances(args) -> dict:
-    """The adjoint tolerances a run uses (the library's float32 defaults where not given)."""
+    """The adjoint tolerances a run uses on these float32 workloads (``Adjoint``'s where not given)."""
     import torch
-    from metagrad.gradients.adjoint import DEFAULT_TOLERANCES
+    from metagrad.gradients import Adjoint
 
-    rtol, atol = DEFAULT_TOLERANCES[torch.float32]
-    return {"rtol": rtol if args.adjoint_rtol is None else args.adjoint_rtol,
-            "atol": atol if args.adjoint_atol is None else args.adjoint_atol}
+    rtol, atol = Adjoint(rtol=args.adjoint_rtol, atol=args.adjoint_atol).tolerances(torch.float32)
+    return {"rtol": rtol, "atol": atol}
 
 
 def _meta_gradient(method: str, steps: int, adjoint_options: dict | None = None):

@@ -33,8 +33,9 @@ diag beats vanilla at 1 and 2 steps, as in the paper, and ties at 5; tanh is *wo
 at every step count, the opposite of the paper's largest effect. For the 1-step tanh: both theta
 collapse to ~0 and the inner step only moves the bias: with ``mean(x)`` of 5 uniforms concentrated
 at 0.5 (std 0.13) most tasks are one-class, and near theta = 0 the C phase gets almost no gradient,
-so tanh(t) stays at ~0.9 (c_steps up to 5 and c_lr up to 10 changed nothing at 20 epochs). Unverified guesses: the paper's
-data sampling (balanced batches, its eq. 13 discussion), C's init or its (unstated) gamma differ.
+so tanh(t) stays at ~0.9 (c_steps up to 5 and c_lr up to 10 changed nothing at 20 epochs).
+Unverified guesses: the paper's data sampling (balanced batches, its eq. 13 discussion), C's
+init or its (unstated) gamma differ.
 Nor is there a better basin that training misses: at the "averaging and thresholding" theta of
 Fig. 3b (``w = k/5 * 1``, ``b = -k/2``) the 1-step query CE sum is, for k = 0 / 3 / 10 / 30, vanilla
 4.08 / 4.23 / 5.63 / 13.6 and tanh (1 C step at 1.0) 4.46 / 4.60 / 5.81 / 12.0 (4000 tasks; c_steps 5

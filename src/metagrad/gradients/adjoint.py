@@ -244,15 +244,20 @@ class Adjoint(MetaGradient):
         loss_tasks = vmap(loss_at)
         phi_tasks = {n: v.expand(n_tasks, *v.shape).contiguous() for n, v in phi.items()}
 
+        def support_grad(u_leaves: list, ph: dict, create_graph: bool):
+            """The per-task support losses and their gradients with respect to ``u_leaves`` (the
+            stacked adapted tensors, in ``names`` order): plain autograd over a ``vmap`` forward,
+            cheaper than ``vmap(grad)`` for small nets."""
+            with torch.enable_grad():
+                loss = loss_tasks(dict(zip(names, u_leaves)), ph, sx, sy)
+                return loss, torch.autograd.grad(loss.sum(), u_leaves, create_graph=create_graph)
+
         def linearized(u):
             """Per-task support losses and the pullback ``v -> (H v, (d_phi grad_u L)^T v)`` at the
-            stacked state ``u``: one autograd graph of the stacked gradient, reused by every pull
-            (plain autograd over a ``vmap`` forward: cheaper than ``vmap(vjp(grad))`` for small nets)."""
+            stacked state ``u``: one autograd graph of the stacked gradient, reused by every pull."""
             leaves = [u[n].detach().requires_grad_() for n in names] + \
                      [phi_tasks[n].detach().requires_grad_() for n in phi_tasks]
-            with torch.enable_grad():
-                loss = loss_tasks(dict(zip(names, leaves)), dict(zip(phi_tasks, leaves[len(names):])), sx, sy)
-                g = torch.autograd.grad(loss.sum(), leaves[:len(names)], create_graph=True)
+            loss, g = support_grad(leaves[:len(names)], dict(zip(phi_tasks, leaves[len(names):])), True)
 
             def pull(v, last: bool = False):
                 out = torch.autograd.grad(g, leaves, grad_outputs=[v[n] for n in names], retain_graph=not last,
@@ -285,11 +290,9 @@ class Adjoint(MetaGradient):
         grid = torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device)
 
         def grad_tasks(u: dict) -> dict:
-            """The per-task support-loss gradients at the stacked state ``u`` (autograd, no graph kept)."""
-            leaves = [u[n].detach().requires_grad_() for n in names]
-            with torch.enable_grad():
-                loss = loss_tasks(dict(zip(names, leaves)), phi_tasks, sx, sy)
-                return dict(zip(names, torch.autograd.grad(loss.sum(), leaves)))
+            """The per-task support-loss gradients at the stacked state ``u`` (no graph kept)."""
+            _, g = support_grad([u[n].detach().requires_grad_() for n in names], phi_tasks, False)
+            return dict(zip(names, g))
 
         def rhs_tasks(u: dict) -> dict:
             g = grad_tasks(u)
