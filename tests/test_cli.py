@@ -150,3 +150,42 @@ def test_merge_combines_variant_runs_into_the_full_report(tmp_path, capsys):
     assert json.loads((tmp_path / "m5" / "config.json").read_text())["inner_lr"] != 0.2
     assert main(["merge", str(tmp_path / "deep"), "--out", str(tmp_path / "m6")]) == 0
     assert json.loads((tmp_path / "m6" / "config.json").read_text())["only"] == ["deep"]
+
+
+def test_jobs_trains_variants_side_by_side_with_the_sequential_results(tmp_path, capsys):
+    # two worker processes (spawned) give the report of the sequential run: same seeds, same models
+    fast = ["--set", "quick=true", "--set", "train.iterations=5", "--set", "train.eval_tasks=20", "--no-progress"]
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "seq"), *fast]) == 0
+    capsys.readouterr()
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "par"), "--jobs", "2", *fast]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    sequential = json.loads((tmp_path / "seq" / "summary.json").read_text())
+    parallel = json.loads((tmp_path / "par" / "summary.json").read_text())
+    assert printed == parallel and set(parallel) == set(sequential) >= {"shallow", "deep"}
+    for name in ("shallow", "deep"):
+        assert parallel[name]["post_adapt_mse"] == pytest.approx(sequential[name]["post_adapt_mse"], rel=1e-6)
+        assert json.loads((tmp_path / "par" / name / "summary.json").read_text())["iterations"] == 5
+        seq_metrics = (tmp_path / "seq" / name / "metrics.jsonl").read_text().splitlines()
+        par_metrics = (tmp_path / "par" / name / "metrics.jsonl").read_text().splitlines()
+        assert len(par_metrics) == len(seq_metrics) > 0
+    assert (tmp_path / "par" / "linreg_depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resuming with jobs continues every variant (all finished here: nothing retrained)
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "par"), "--resume", "--jobs", "2",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "par" / "summary.json").read_text()) == parallel
+
+
+def test_jobs_bad_value_and_a_failing_variant_stop_the_run(tmp_path, capsys):
+    assert main(["run", "linreg-depth", "--out", str(tmp_path / "x"), "--jobs", "0", "--no-progress"]) == 2
+    assert "jobs must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # 'deep' fails at once (its folder already holds a checkpoint); 'shallow', with far too many
+    # iterations to finish, is stopped rather than waited for, and the error names 'deep'
+    out = tmp_path / "run"
+    (out / "deep").mkdir(parents=True)
+    (out / "deep" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert main(["run", "linreg-depth", "--out", str(out), "--jobs", "2", "--set", "train.iterations=10000000",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'deep'" in err and "already holds a checkpoint" in err
+    assert not (out / "shallow" / "summary.json").exists() and not (out / "summary.json").exists()

@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train up to N variants at once, one process each (default: 1)")
     e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoints on fresh held-out tasks")
     e.add_argument("dir", type=Path, help="run directory")
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
-                          progress=not args.no_progress, variants=args.variants, device=_device(args.device))
+                          progress=not args.no_progress, variants=args.variants, device=_device(args.device), jobs=args.jobs)
             print(json.dumps(summary, indent=2))
             print(f"results in {args.out}", file=sys.stderr)
             return 0

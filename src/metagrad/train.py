@@ -149,7 +149,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
         resume: bool = False, progress: bool = True, desc: str | None = None,
-        device: str | torch.device | None = None) -> dict:
+        device: str | torch.device | None = None, position: int | None = None) -> dict:
     """Meta-train ``learner`` on tasks from ``train_family``; evaluate on ``eval_family``.
 
     Args:
@@ -164,6 +164,7 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         device: train there (e.g. ``"cuda"``): the learner is moved to it and every task batch,
             drawn on the CPU from the same seeded generator as without a device, follows it.
             Checkpoints load onto any device, so a run started on one can be resumed on another.
+        position: the progress bar's line (``tqdm``'s ``position``), for several fits side by side.
 
     Returns the summary also written to ``run_dir/summary.json``.
     """
@@ -216,7 +217,8 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
     log = open(run_dir / "metrics.jsonl", "a")
     try:
         bar = tqdm(range(start, cfg["iterations"]), initial=start, total=cfg["iterations"],
-                   desc=desc or run_dir.name, disable=not progress, leave=False, dynamic_ncols=True)
+                   desc=desc or run_dir.name, disable=not progress, leave=False, dynamic_ncols=True,
+                   position=position)
         for i in bar:
             it = i + 1
             stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device), optimizer)

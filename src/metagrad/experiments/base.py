@@ -88,7 +88,7 @@ def _selected(experiment: Experiment, config: dict, names: list[str] | None = No
 
 
 def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
-        progress: bool = True, variants=None, device=None) -> dict:
+        progress: bool = True, variants=None, device=None, jobs: int = 1) -> dict:
     """Run (or resume) an experiment into ``out_dir``; returns its summary.
 
     ``device``: train and evaluate there (``"cuda"``, ``"cuda:1"``; default: the CPU). It is not
@@ -96,7 +96,16 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
 
     ``variants``: train only these of the experiment's variants (names; recorded in the run's
     ``config.json`` as ``"only"``, so ``resume`` keeps the selection); the report covers them.
+
+    ``jobs``: train up to this many variants at once, each in its own process (started fresh,
+    ``spawn``), with ``torch.get_num_threads() // jobs`` threads each (at least one). Each variant
+    is seeded as in a sequential run, so the results are the same up to floating-point rounding;
+    the report is written once all have finished. A variant that fails stops the others (their
+    checkpoints stay, for ``resume``) and its error is raised, naming it. Small models on a GPU
+    keep it busy this way: their kernels are too short to fill it one variant at a time.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     out_dir = Path(out_dir)
     cfg_path = out_dir / "config.json"
     if resume:
@@ -118,13 +127,71 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(cfg_path, config)
-    results = {}
-    for name in names:
-        variant = build_variant(experiment, config, name)
-        results[name] = fit(variant.learner, variant.train_family, variant.eval_family, variant.train,
-                            out_dir / name, resume=resume, progress=progress, desc=f"{experiment.name}:{name}",
-                            device=device)
+    if jobs > 1 and len(names) > 1:
+        results = _train_parallel(experiment, config, names, out_dir, jobs, resume=resume, progress=progress,
+                                   device=device)
+    else:
+        results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
+                                        device=device) for name in names}
     return _write_report(experiment, config, results, out_dir, partial=len(names) < len(every))
+
+
+def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Path, *, resume: bool,
+                   progress: bool, device=None, position: int | None = None) -> dict:
+    """Build and fit one variant into ``out_dir / name``; returns its summary."""
+    variant = build_variant(experiment, config, name)
+    return fit(variant.learner, variant.train_family, variant.eval_family, variant.train, out_dir / name,
+               resume=resume, progress=progress, desc=f"{experiment.name}:{name}", device=device,
+               position=position)
+
+
+_WORKER: dict = {}  # in a worker process of _train_parallel: its progress-bar line
+
+
+def _init_worker(slots, threads: int) -> None:
+    torch.set_num_threads(threads)
+    with slots.get_lock():
+        _WORKER["position"] = slots.value
+        slots.value += 1
+
+
+def _worker_fit(experiment: Experiment, config: dict, name: str, out_dir: Path, resume: bool, progress: bool,
+                device) -> dict:
+    return _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress, device=device,
+                          position=_WORKER.get("position"))
+
+
+def _train_parallel(experiment: Experiment, config: dict, names: list[str], out_dir: Path, jobs: int, *,
+                    resume: bool, progress: bool, device) -> dict:
+    """:func:`_train_variant` for every name, ``jobs`` processes at a time; results in ``names`` order."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
+    jobs = min(jobs, len(names))
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(ctx.Value("i", 0), threads)) as pool:
+        pending = {name: pool.apply_async(_worker_fit, (experiment, config, name, out_dir, resume, progress,
+                                                        None if device is None else str(device)))
+                   for name in names}
+        results = {}
+        while pending:  # poll, so that a failure stops the others at once
+            for name in [n for n, r in pending.items() if r.ready()]:
+                try:
+                    results[name] = pending.pop(name).get()
+                except Exception as err:  # the pool's exit terminates the other workers
+                    raise _naming_variant(err, name) from err
+            if pending:
+                time.sleep(0.2)
+    return {name: results[name] for name in names}
+
+
+def _naming_variant(err: Exception, name: str) -> Exception:
+    """``err`` again, its message prefixed with the variant's name where its type allows."""
+    try:
+        return type(err)(f"variant {name!r}: {err}")
+    except Exception:
+        return err
 
 
 def _write_report(experiment: Experiment, config: dict, results: dict, out_dir: Path, *, partial: bool) -> dict:
