@@ -294,6 +294,60 @@ def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments, reco
     assert torch.allclose(s_ref["query_loss"], s_adj["query_loss"], rtol=0, atol=1e-12)
 
 
+def test_stacked_forward_equals_vmap_of_functional_call():
+    from torch.func import functional_call, vmap
+
+    from metagrad.models._stacked import stacked_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.GELU(), nn.Identity(),
+                          nn.Linear(4, 2), nn.LeakyReLU(0.3), nn.Linear(2, 1)).to(DT)
+    tasks = 4
+    params = {n: p.detach() + 0.1 * torch.randn(tasks, *p.shape, dtype=DT) for n, p in model.named_parameters()}
+    f = stacked_forward(model)
+    assert f is not None
+    for x in (torch.randn(tasks, 7, 3, dtype=DT), torch.randn(tasks, 3, dtype=DT), torch.randn(tasks, 2, 6, 3, dtype=DT)):
+        ref = vmap(lambda p, xx: functional_call(model, p, (xx,)))(params, x)
+        assert ref.shape == f(params, x).shape
+        assert torch.allclose(f(params, x), ref, rtol=0, atol=1e-13)
+    assert stacked_forward(mg.models.MLP(2, [8, 8], 1)) is not None
+
+
+def test_stacked_forward_refuses_what_it_cannot_reproduce():
+    from metagrad.models._stacked import stacked_forward
+
+    class Twice(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked = nn.Sequential(nn.Linear(2, 2), nn.Tanh())
+    hooked[1].register_forward_hook(lambda m, i, o: o * 3)
+    for model in (nn.Linear(2, 1), Twice(nn.Linear(2, 1)), hooked, nn.Sequential(),
+                  nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.5)),
+                  nn.Sequential(nn.Linear(2, 3), nn.PReLU()), nn.Sequential(nn.Flatten(), nn.Linear(2, 1)),
+                  mg.models.CNN(2, ways=5)):
+        assert stacked_forward(model) is None, model
+
+
+@pytest.mark.parametrize("backward", ["heun", "heun-pec", "discrete"])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_adjoint_batched_mlp_path_equals_the_vmap_path(monkeypatch, adapt, backward):
+    # plain MLPs take batched products (models._stacked); the vmap path of any other model is the reference
+    import metagrad.gradients.adjoint as adjoint_module
+
+    b = mlp_batch(tasks=4)
+
+    def meta_grad():
+        learner = MetaLearner(mlp(), mse, adapt=adapt, meta_gradient=mg.Adjoint(T=0.8, h=0.05, backward=backward))
+        return learner.meta_gradient_of(b)
+
+    fast, s_fast = meta_grad()
+    monkeypatch.setattr(adjoint_module, "stacked_forward", lambda model: None)
+    ref, s_ref = meta_grad()
+    assert max_diff(fast, ref) < 1e-10 and flat(ref).abs().max() > 1e-3
+    assert torch.allclose(s_fast["inner_loss"], s_ref["inner_loss"], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("adapt", ["all", "head"])
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_adjoint_euler_discrete_equals_unrolled_through_batchnorm(adapt, vectorize):

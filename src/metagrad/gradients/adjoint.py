@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
+from ..models._stacked import stacked_forward
 from .base import MetaGradient
 
 _tree_map = torch.utils._pytree.tree_map
@@ -52,7 +53,10 @@ class Adjoint(MetaGradient):
     of the gradient (``H`` is never formed). The meta-gradient of ``theta`` is ``lambda(0)``.
     The gradients and Hessian-vector products use plain autograd through a ``vmap`` over tasks of
     the support loss (one graph per grid state, pulled back once or twice); on the 2x32 MLP this
-    costs about 30% less than ``vmap`` of ``torch.func`` transforms.
+    costs about 30% less than ``vmap`` of ``torch.func`` transforms. For a plain MLP (an
+    ``nn.Sequential`` of ``nn.Linear`` and elementwise activations) the stacked support loss runs
+    as batched matrix products over the tasks instead of a ``vmap`` of ``functional_call``: the
+    same function, with less per-operator overhead.
 
     Parameters that do not adapt (``phi``: the ANIL body, ``adapt="head"``) get
     ``dJ/dphi = d_phi L_val(u(T)) - int_0^T (d_phi grad_u L_tr(u))^T lambda dt``, the mixed
@@ -241,7 +245,14 @@ class Adjoint(MetaGradient):
         def loss_at(u, ph, x, y):
             return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
 
-        loss_tasks = vmap(loss_at)
+        stacked = None if buffers else stacked_forward(learner.model)
+        if stacked is not None:  # a plain MLP: batched products instead of vmap (same function)
+            per_task_loss = vmap(learner.loss_fn)
+
+            def loss_tasks(u, ph, x, y):
+                return per_task_loss(stacked({**ph, **u}, x), y)
+        else:
+            loss_tasks = vmap(loss_at)
         phi_tasks = {n: v.expand(n_tasks, *v.shape).contiguous() for n, v in phi.items()}
 
         def support_grad(u_leaves: list, ph: dict, create_graph: bool):
@@ -401,9 +412,11 @@ class Adjoint(MetaGradient):
         def rhs(t, state):
             u = dict(zip(names, state))
             time = float(t)
-            _check_tasks(u, time, "state")
             f = rhs_tasks(u)
-            _check_tasks(f, time, "gradient")
+            if not bool(torch.isfinite(torch.stack([v.sum() for v in f.values()])).all()):
+                # a non-finite state gives a non-finite gradient: one cheap test, then find the task
+                _check_tasks(u, time, "state")
+                _check_tasks(f, time, "gradient")
             reached[0] = max(reached[0], time)
             return tuple(f[n] for n in names)
 
