@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from metagrad.experiments import get_experiment, run
+from metagrad.experiments import get_experiment, merge_runs, run
 from metagrad.experiments.amaml_regression import TanhMLP, nrmse
 from metagrad.gradients import META_GRADIENTS, MetaGradient
 from metagrad.tasks import Alpine, CosMixture, TaskBatch
@@ -184,6 +184,24 @@ def test_quick_run_writes_report_and_step0_nrmse_is_direct(tmp_path):
         direct = np.sqrt(((pred - y) ** 2).mean(1)) / y.std(1)
         assert r["nrmse_mean"][0] == pytest.approx(direct.mean(), rel=1e-5)
         assert r["nrmse_std"][0] == pytest.approx(direct.std(ddof=1), rel=1e-4)
+
+
+def test_variant_runs_report_their_rows_and_merge_into_the_full_report(tmp_path):
+    exp = get_experiment("amaml-regression")
+    over = TINY[:-2] + ['methods=["maml-1","fomaml"]', "pool_size=40"]
+    full = run(exp, tmp_path / "full", over, progress=False)
+    for m in ("maml-1", "fomaml"):
+        part = run(exp, tmp_path / m, over, progress=False, variants=[f"cosmixture-50shot-{m}"])
+        assert set(part["panels"]["cosmixture-50shot"]) == {m}  # the trained method's row only
+        assert part["panels"]["cosmixture-50shot"][m]["nrmse_mean"] == pytest.approx(
+            full["panels"]["cosmixture-50shot"][m]["nrmse_mean"], rel=1e-6)
+        table = (tmp_path / m / "amaml_regression.md").read_text()
+        assert ("FOMAML" in table) == (m == "fomaml") and ("MAML-1" in table) == (m == "maml-1")
+        assert (tmp_path / m / "amaml_regression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    merged = merge_runs(exp, tmp_path / "merged", [tmp_path / "fomaml", tmp_path / "maml-1"])
+    for m in ("maml-1", "fomaml"):
+        assert merged["panels"]["cosmixture-50shot"][m]["nrmse_mean"] == pytest.approx(
+            full["panels"]["cosmixture-50shot"][m]["nrmse_mean"], rel=1e-6)
 
 
 class _NotYet(MetaGradient):

@@ -163,6 +163,7 @@ def check_available(method: str, meta_gradient: str, options: dict) -> None:
 class AmamlRegression(Experiment):
     name = "amaml-regression"
     description = "A-MAML Fig 2: nRMSE vs test-time GD steps on CosMixture/Alpine from each method's initialization"
+    partial_report = True
 
     def default_config(self) -> dict:
         return {
@@ -284,14 +285,19 @@ class AmamlRegression(Experiment):
         return torch.cat(out).double()
 
     def report(self, config, results, out_dir: Path) -> dict:
+        """Test nRMSE curves of every trained variant (``results``' names: all of them, or those a
+        ``--variant`` run or a merge holds), by panel and method; table and figure of them."""
         out_dir = Path(out_dir)
         grid = config["eval_steps"]
         summary: dict = {"eval_steps": grid, "final_step": grid[-1], "panels": {}}
         for panel, function, shots, long, maml in self.panels(config):
+            methods = [m for m in config["methods"] if f"{panel}-{m}" in results]
+            if not methods:
+                continue
             _, test_family = self.families(config, function, shots)
             batch = test_family.pool()
             rows = {}
-            for m in config["methods"]:
+            for m in methods:
                 name = f"{panel}-{m}"
                 variant = build_variant(self, config, name)
                 variant.learner.load_state_dict(load_checkpoint(out_dir / name / CHECKPOINT)["learner"])
@@ -325,7 +331,10 @@ class AmamlRegression(Experiment):
             lines += [f"### {title} (mean ± std over test tasks)", "",
                       "| method | " + " | ".join(panels) + " |", "|---" * (len(panels) + 1) + "|"]
             for m in config["methods"]:
-                lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cell(summary['panels'][p][m], i) for p in panels) + " |")
+                if any(m in summary["panels"][p] for p in panels):
+                    lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+                        cell(summary["panels"][p][m], i) if m in summary["panels"][p] else "not trained"
+                        for p in panels) + " |")
             lines.append("")
         with atomic_open(path, "w") as f:
             f.write("\n".join(lines))
@@ -335,7 +344,7 @@ class AmamlRegression(Experiment):
         fig, axes = _plot.figure(nrows=rows, ncols=cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
         grid = summary["eval_steps"]
         for (panel, function, shots, _, _), ax in zip(self.panels(config), axes.flat):
-            for m, r in summary["panels"][panel].items():
+            for m, r in summary["panels"].get(panel, {}).items():
                 mean = [math.nan if v is None else v for v in r["nrmse_mean"]]
                 std = [math.nan if v is None else v for v in r["nrmse_std"]]
                 line, = ax.plot(grid, mean, marker=".", label=LABELS.get(m, m))
@@ -348,7 +357,10 @@ class AmamlRegression(Experiment):
             ax.set_yscale("log")
             ax.set_xlabel("GD steps on the test task")
             ax.set_ylabel("test nRMSE")
-            ax.legend(fontsize=7)
+            if summary["panels"].get(panel):
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not trained", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         _plot.save_figure(fig, path)
         _plot.close(fig)
