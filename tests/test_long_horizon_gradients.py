@@ -333,7 +333,7 @@ def test_stacked_forward_refuses_what_it_cannot_reproduce():
 @pytest.mark.parametrize("adapt", ["all", "head"])
 def test_adjoint_batched_mlp_path_equals_the_vmap_path(monkeypatch, adapt, backward):
     # plain MLPs take batched products (models._stacked); the vmap path of any other model is the reference
-    import metagrad.gradients.adjoint as adjoint_module
+    import metagrad.gradients._stacked as stacked_module
 
     b = mlp_batch(tasks=4)
 
@@ -342,7 +342,7 @@ def test_adjoint_batched_mlp_path_equals_the_vmap_path(monkeypatch, adapt, backw
         return learner.meta_gradient_of(b)
 
     fast, s_fast = meta_grad()
-    monkeypatch.setattr(adjoint_module, "stacked_forward", lambda model: None)
+    monkeypatch.setattr(stacked_module, "stacked_forward", lambda model: None)
     ref, s_ref = meta_grad()
     assert max_diff(fast, ref) < 1e-10 and flat(ref).abs().max() > 1e-3
     assert torch.allclose(s_fast["inner_loss"], s_ref["inner_loss"], rtol=0, atol=1e-12)
@@ -433,6 +433,25 @@ def test_implicit_matches_closed_form_on_linear_regression(inner, vectorize):
     assert rel(flat(grads), ref) < 1e-9
     assert stats["inner_loss"].shape == (3, 400)
     assert all((g == 0).all() for g in grads["rule"].values())
+
+
+@pytest.mark.parametrize("rule,inner_lr,damping", [("sgd", None, 0.0), ("sgd", 0.2, 0.1), ("meta-sgd", None, 0.0)])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_implicit_stacked_batch_equals_the_per_task_solve(adapt, rule, inner_lr, damping):
+    # vectorize=True solves the whole meta-batch stacked (gradients._stacked) for plain GD steps;
+    # the per-task loop (task_gradient) is the reference; Meta-SGD keeps the per-task path
+    b = mlp_batch(tasks=4)
+
+    def run(vectorize):
+        learner = MetaLearner(mlp(), mse, adapt=adapt, rule=rule, lr=0.3, schedule=Schedule(7),
+                              meta_gradient=mg.Implicit(lam=2.0, inner_lr=inner_lr, cg_steps=4, damping=damping))
+        return learner.meta_gradient_of(b, vectorize=vectorize)
+
+    (g_stacked, s_stacked), (g_loop, s_loop) = run(True), run(False)
+    assert max_diff(g_stacked, g_loop) < 1e-10 and flat(g_loop).abs().max() > 1e-3
+    for key in ("inner_loss", "query_loss"):
+        assert s_stacked[key].shape == s_loop[key].shape
+        assert torch.allclose(s_stacked[key], s_loop[key], rtol=0, atol=1e-12)
 
 
 def test_implicit_cg_is_exact_at_dimension_steps_and_stays_finite_beyond():

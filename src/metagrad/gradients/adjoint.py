@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from ..models._stacked import stacked_forward
+from . import _stacked
+from ._stacked import bcast as _bcast
 from .base import MetaGradient
 
 _tree_map = torch.utils._pytree.tree_map
@@ -245,38 +246,11 @@ class Adjoint(MetaGradient):
         def loss_at(u, ph, x, y):
             return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
 
-        stacked = None if buffers else stacked_forward(learner.model)
-        if stacked is not None:  # a plain MLP: batched products instead of vmap (same function)
-            per_task_loss = vmap(learner.loss_fn)
-
-            def loss_tasks(u, ph, x, y):
-                return per_task_loss(stacked({**ph, **u}, x), y)
-        else:
-            loss_tasks = vmap(loss_at)
-        phi_tasks = {n: v.expand(n_tasks, *v.shape).contiguous() for n, v in phi.items()}
-
-        def support_grad(u_leaves: list, ph: dict, create_graph: bool):
-            """The per-task support losses and their gradients with respect to ``u_leaves`` (the
-            stacked adapted tensors, in ``names`` order): plain autograd over a ``vmap`` forward,
-            cheaper than ``vmap(grad)`` for small nets."""
-            with torch.enable_grad():
-                loss = loss_tasks(dict(zip(names, u_leaves)), ph, sx, sy)
-                return loss, torch.autograd.grad(loss.sum(), u_leaves, create_graph=create_graph)
+        loss_tasks = _stacked.task_losses(learner, buffers)
+        phi_tasks = _stacked.stack(phi, n_tasks)
 
         def linearized(u):
-            """Per-task support losses and the pullback ``v -> (H v, (d_phi grad_u L)^T v)`` at the
-            stacked state ``u``: one autograd graph of the stacked gradient, reused by every pull."""
-            leaves = [u[n].detach().requires_grad_() for n in names] + \
-                     [phi_tasks[n].detach().requires_grad_() for n in phi_tasks]
-            loss, g = support_grad(leaves[:len(names)], dict(zip(phi_tasks, leaves[len(names):])), True)
-
-            def pull(v, last: bool = False):
-                out = torch.autograd.grad(g, leaves, grad_outputs=[v[n] for n in names], retain_graph=not last,
-                                          allow_unused=True)
-                out = [torch.zeros_like(x) if o is None else o for o, x in zip(out, leaves)]
-                return dict(zip(names, out)), dict(zip(phi_tasks, out[len(names):]))
-
-            return pull, loss.detach()
+            return _stacked.linearized(loss_tasks, names, u, phi_tasks, sx, sy)
 
         def step_back(u, v):
             pull, loss = linearized(u)
@@ -302,8 +276,7 @@ class Adjoint(MetaGradient):
 
         def grad_tasks(u: dict) -> dict:
             """The per-task support-loss gradients at the stacked state ``u`` (no graph kept)."""
-            _, g = support_grad([u[n].detach().requires_grad_() for n in names], phi_tasks, False)
-            return dict(zip(names, g))
+            return _stacked.grad_tasks(loss_tasks, names, u, phi_tasks, sx, sy)[1]
 
         def rhs_tasks(u: dict) -> dict:
             g = grad_tasks(u)
@@ -456,11 +429,6 @@ def _positive(value, name: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
-
-
-def _bcast(per_task: Tensor, like: Tensor) -> Tensor:
-    """``[tasks]`` -> ``[tasks, 1, ..., 1]`` to broadcast against ``like``."""
-    return per_task.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _check_tasks(tree: dict, time: float, what: str) -> None:

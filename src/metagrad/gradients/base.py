@@ -72,7 +72,10 @@ class MetaGradient:
             return {"model": {**mp["model"], **carried, **adapted}, "rule": mp["rule"]}, losses
 
         batch_type = type(batch)
-        per_task = type(self).batch_gradient is MetaGradient.batch_gradient  # else a whole-batch method
+        # a method with a per-task gradient runs it per task (vmap); a whole-batch-only method
+        # (adjoint) gets batches of one task
+        per_task = (type(self).batch_gradient is MetaGradient.batch_gradient
+                    or type(self).task_gradient is not MetaGradient.task_gradient)
 
         def one_task(mp, sx, sy, qx, qy):
             start, pull, losses = vjp(lambda m: phase_init(m, sx, sy), mp, has_aux=True)

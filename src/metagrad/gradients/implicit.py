@@ -6,27 +6,34 @@ import math
 import torch
 from torch.func import grad, grad_and_value, vjp
 
+from . import _stacked
+from ._stacked import bcast
 from .base import MetaGradient
 
 _tree_map = torch.utils._pytree.tree_map
 
 
-def _dot(a: dict, b: dict):
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def _axpy(alpha, x: dict, y: dict) -> dict:
-    """``alpha * x + y`` leaf-wise."""
-    return {k: alpha * x[k] + y[k] for k in x}
-
-
-def conjugate_gradient(matvec, b: dict, steps: int) -> dict:
+def conjugate_gradient(matvec, b: dict, steps: int, *, batched: bool = False) -> dict:
     """``steps`` iterations of CG on ``A x = b`` from ``x = 0`` (``A`` symmetric, given by ``matvec``).
 
     A fixed iteration count and ``torch.where`` instead of early exits keep it free of
     data-dependent Python control flow, so it runs under ``torch.func.vmap``; once the residual
-    is exactly zero the updates become zero instead of ``0/0``.
+    is exactly zero the updates become zero instead of ``0/0``. ``batched``: dim 0 of every
+    tensor indexes independent systems (tasks), each with its own step sizes.
     """
+    if batched:
+        def _dot(a: dict, c: dict):
+            return sum((a[k] * c[k]).reshape(a[k].shape[0], -1).sum(1) for k in a)
+
+        def _axpy(alpha, x: dict, y: dict) -> dict:
+            return {k: bcast(alpha, x[k]) * x[k] + y[k] for k in x}
+    else:
+        def _dot(a: dict, c: dict):
+            return sum((a[k] * c[k]).sum() for k in a)
+
+        def _axpy(alpha, x: dict, y: dict) -> dict:
+            return {k: alpha * x[k] + y[k] for k in x}
+
     x = _tree_map(torch.zeros_like, b)
     r = dict(b)
     p = dict(b)
@@ -119,10 +126,74 @@ class Implicit(MetaGradient):
         return (f"Implicit(lam={self.lam!r}, inner_steps={self.inner_steps!r}, inner_lr={self.inner_lr!r}, "
                 f"cg_steps={self.cg_steps!r}, damping={self.damping!r})")
 
-    def task_gradient(self, learner, meta_params, sx, sy, qx, qy):
+    def batch_gradient(self, learner, meta_params, batch, vectorize: bool):
+        """The whole meta-batch at once (stacked tasks, plain autograd, see ``gradients._stacked``)
+        when ``vectorize`` and the inner steps are plain gradient descent (``inner_lr`` or the rule
+        :class:`~metagrad.rules.SGD`); otherwise :meth:`task_gradient` per task. Both compute the
+        same steps, CG iterations and products, so they agree to floating-point rounding."""
+        from ..rules import SGD
+
         rule = learner.rule
+        self._check_rule(rule)
+        if not (vectorize and (self.inner_lr is not None or type(rule) is SGD)):
+            return super().batch_gradient(learner, meta_params, batch, vectorize)
+        lam = self.lam
+        names = learner.adapted_names
+        model_p = meta_params["model"]
+        sx, sy, qx, qy = batch
+        n_tasks = sx.shape[0]
+        theta = _stacked.stack({n: model_p[n] for n in names}, n_tasks)
+        phi = _stacked.stack({n: v for n, v in model_p.items() if n not in theta}, n_tasks)
+        loss_tasks = _stacked.task_losses(learner, dict(learner.model.named_buffers()))
+        steps = learner.schedule.train_steps if self.inner_steps is None else self.inner_steps
+
+        # inner solve of the proximal problem, every task at once (values only)
+        u = dict(theta)
+        state = {k: v.detach() for k, v in meta_params["rule"].items()}
+        losses = []
+        for _ in range(steps):
+            loss, g = _stacked.grad_tasks(loss_tasks, names, u, phi, sx, sy)
+            g = {n: g[n] + lam * (u[n] - theta[n]) for n in names}
+            if self.inner_lr is None:
+                u, state = rule.step(u, g, state)
+            else:
+                u = {n: u[n] - self.inner_lr * g[n] for n in names}
+            u = {n: t.detach() for n, t in u.items()}
+            losses.append(loss)
+
+        # outer gradient at u*: query gradients, then CG on every task's system at once
+        leaves = [u[n].detach().requires_grad_() for n in names] + [phi[n].detach().requires_grad_() for n in phi]
+        with torch.enable_grad():
+            query = loss_tasks(dict(zip(names, leaves)), dict(zip(phi, leaves[len(names):])), qx, qy)
+            g_all = torch.autograd.grad(query.sum(), leaves, allow_unused=True)
+        g_all = [torch.zeros_like(t) if o is None else o for o, t in zip(g_all, leaves)]
+        g_u, g_phi = dict(zip(names, g_all)), dict(zip(phi, g_all[len(names):]))
+        pull, _ = _stacked.linearized(loss_tasks, names, u, phi, sx, sy)
+
+        def matvec(v):
+            hv, _ = pull(v)
+            return {n: (1.0 + self.damping) * v[n] + hv[n] / lam for n in names}
+
+        v = conjugate_gradient(matvec, g_u, self.cg_steps, batched=True)
+        per_task = dict(v)
+        if phi:
+            _, m_v = pull(v, last=True)
+            per_task.update({n: g_phi[n] - m_v[n] / lam for n in phi})
+        grads = {
+            "model": {n: per_task[n].mean(0) for n in model_p},
+            "rule": {k: torch.zeros_like(t) for k, t in meta_params["rule"].items()},
+        }
+        inner = torch.stack(losses, 1) if losses else sx.new_zeros(n_tasks, 0)
+        return grads, query.detach().mean(), {"query_loss": query.detach(), "inner_loss": inner}
+
+    @staticmethod
+    def _check_rule(rule) -> None:
         if rule.adapts_state:
             raise ValueError(f"Implicit does not support rules that adapt their state in the inner loop, got {rule!r}")
+
+    def task_gradient(self, learner, meta_params, sx, sy, qx, qy):
+        rule = learner.rule
+        self._check_rule(rule)
         lam = self.lam
         names = learner.adapted_names
         theta = {n: meta_params["model"][n] for n in names}

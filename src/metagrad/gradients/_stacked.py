@@ -1,0 +1,80 @@
+"""Support losses, gradients and Hessian-vector products of a whole meta-batch at once.
+
+The meta-gradients that solve the inner problem themselves (adjoint, implicit) keep the adapted
+parameters of all tasks stacked, ``{name: [tasks, *shape]}``, and differentiate the sum of the
+per-task losses with plain autograd: task ``i``'s loss depends only on slice ``i``, so the
+gradient of the sum holds every task's own gradient, and a pullback of that gradient is every
+task's Hessian-vector product. One autograd graph per state is cheaper than ``vmap`` of
+``torch.func`` transforms on small nets; plain MLPs skip the ``vmap`` of the forward as well
+(:func:`metagrad.models._stacked.stacked_forward`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from ..models._stacked import stacked_forward
+
+
+def task_losses(learner, buffers: dict) -> Callable:
+    """``loss_tasks(u, ph, x, y) -> [tasks]``: every task's loss, with ``u``, ``ph`` (adapted and
+    other parameters), ``x`` and ``y`` stacked on dim 0."""
+    stacked = None if buffers else stacked_forward(learner.model)
+    if stacked is not None:  # a plain MLP: batched products, the same function as the vmap below
+        per_task = vmap(learner.loss_fn)
+
+        def loss_tasks(u, ph, x, y):
+            return per_task(stacked({**ph, **u}, x), y)
+
+        return loss_tasks
+
+    def loss_at(u, ph, x, y):
+        return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
+
+    return vmap(loss_at)
+
+
+def support_grad(loss_tasks: Callable, names: list[str], u_leaves: list[Tensor], ph: dict, x: Tensor, y: Tensor,
+                 create_graph: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The per-task losses ``[tasks]`` and their gradients with respect to ``u_leaves`` (the stacked
+    adapted tensors, in ``names`` order, leaves that require grad)."""
+    with torch.enable_grad():
+        loss = loss_tasks(dict(zip(names, u_leaves)), ph, x, y)
+        return loss, torch.autograd.grad(loss.sum(), u_leaves, create_graph=create_graph)
+
+
+def grad_tasks(loss_tasks: Callable, names: list[str], u: dict, ph: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+    """``(losses [tasks], {name: gradient [tasks, *shape]})`` at the stacked state ``u`` (no graph kept)."""
+    loss, g = support_grad(loss_tasks, names, [u[n].detach().requires_grad_() for n in names], ph, x, y, False)
+    return loss.detach(), dict(zip(names, g))
+
+
+def linearized(loss_tasks: Callable, names: list[str], u: dict, phi_tasks: dict, x: Tensor, y: Tensor):
+    """``(pull, losses)`` at the stacked state ``u``: ``pull(v, last=False) -> (H v, (d_phi grad_u L)^T v)``
+    per task, from one autograd graph of the stacked gradient that every pull reuses (``last``
+    frees it)."""
+    leaves = [u[n].detach().requires_grad_() for n in names] + \
+             [phi_tasks[n].detach().requires_grad_() for n in phi_tasks]
+    loss, g = support_grad(loss_tasks, names, leaves[:len(names)], dict(zip(phi_tasks, leaves[len(names):])), x, y,
+                           True)
+
+    def pull(v: dict, last: bool = False):
+        out = torch.autograd.grad(g, leaves, grad_outputs=[v[n] for n in names], retain_graph=not last,
+                                  allow_unused=True)
+        out = [torch.zeros_like(t) if o is None else o for o, t in zip(out, leaves)]
+        return dict(zip(names, out)), dict(zip(phi_tasks, out[len(names):]))
+
+    return pull, loss.detach()
+
+
+def stack(tensors: dict, tasks: int) -> dict:
+    """``{name: [tasks, *shape]}``: each (detached) tensor repeated for every task."""
+    return {n: v.detach().expand(tasks, *v.shape).contiguous() for n, v in tensors.items()}
+
+
+def bcast(per_task: Tensor, like: Tensor) -> Tensor:
+    """``[tasks]`` -> ``[tasks, 1, ..., 1]`` to broadcast against ``like``."""
+    return per_task.reshape(-1, *([1] * (like.dim() - 1)))
