@@ -621,3 +621,29 @@ def test_vmap_matches_loop_through_batchnorm_second_order():
     for n, r in ref.items():
         torch.testing.assert_close(gv["model"][n], r, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(gl["model"][n], r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("mgrad", METAGRADS)
+@pytest.mark.parametrize("adapt", list(ADAPT))
+def test_stacked_plain_sgd_path_is_taken_and_equals_the_per_task_loop(monkeypatch, mgrad, adapt, per_step):
+    # fixed-rate SGD on a plain MLP, vectorized: the meta-batch runs stacked (gradients._stacked)
+    import metagrad.gradients._stacked as stacked
+
+    calls = []
+    real = stacked.sgd_inner_loop
+    monkeypatch.setattr(stacked, "sgd_inner_loop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    learner = make_learner(mgrad, "sgd", adapt, per_step=per_step)
+    batch = make_batch(tasks=3)
+    gv, sv = learner.meta_gradient_of(batch, vectorize=True)
+    assert calls == [1]
+    gl, sl = learner.meta_gradient_of(batch, vectorize=False)
+    assert calls == [1]  # the loop is the reference path
+    for n in gl["model"]:
+        torch.testing.assert_close(gv["model"][n], gl["model"][n], rtol=0, atol=1e-12)
+    assert max(g.abs().max() for g in gl["model"].values()) > 1e-3
+    for k in ("meta_objective", "query_loss", "inner_loss"):
+        torch.testing.assert_close(sv[k], sl[k], rtol=0, atol=1e-12)
+    # a learnable rate, or a phase, keeps the per-task path
+    make_learner(mgrad, "sgd-learnable", adapt).meta_gradient_of(batch, vectorize=True)
+    assert calls == [1]

@@ -78,3 +78,40 @@ def stack(tensors: dict, tasks: int) -> dict:
 def bcast(per_task: Tensor, like: Tensor) -> Tensor:
     """``[tasks]`` -> ``[tasks, 1, ..., 1]`` to broadcast against ``like``."""
     return per_task.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def plain_sgd_applies(learner, vectorize: bool) -> bool:
+    """Whether a meta-batch of plain SGD inner steps can run stacked (unrolled, first-order,
+    Reptile): vectorized, the rule a fixed-rate :class:`~metagrad.rules.SGD`, no phases, and a
+    model with a batched forward (:func:`~metagrad.models._stacked.stacked_forward`)."""
+    from ..rules import SGD
+
+    rule = learner.rule
+    return (vectorize and type(rule) is SGD and not rule.learnable and not learner.schedule.phases
+            and not any(True for _ in learner.model.buffers()) and stacked_forward(learner.model) is not None)
+
+
+def sgd_inner_loop(learner, leaves: dict, batch, *, first_order: bool, keep_trajectory: bool = False):
+    """``K = schedule.train_steps`` SGD steps of every task from the meta-parameters ``leaves``
+    (``{name: tensor}``, unstacked; their autograd graph is kept, second order unless
+    ``first_order``). Returns ``(trajectory, phi, inner losses [tasks, K], loss_tasks)``: the
+    trajectory holds the stacked adapted dicts after each step (or only the last one), ``phi``
+    the stacked other parameters."""
+    names = learner.adapted_names
+    sx, sy = batch.support_x, batch.support_y
+    tasks = sx.shape[0]
+    loss_tasks = task_losses(learner, {})
+    u = {n: leaves[n].expand(tasks, *leaves[n].shape) for n in names}
+    phi = {n: v.expand(tasks, *v.shape) for n, v in leaves.items() if n not in u}
+    lr = learner.rule.lr
+    losses, trajectory = [], [u]
+    for _ in range(learner.schedule.train_steps):
+        loss = loss_tasks(u, phi, sx, sy)
+        g = torch.autograd.grad(loss.sum(), [u[n] for n in names], create_graph=not first_order)
+        u = {n: u[n] - lr * gn for n, gn in zip(names, g)}
+        losses.append(loss.detach())
+        trajectory.append(u)
+    if not keep_trajectory:
+        trajectory = trajectory[-1:]
+    inner = torch.stack(losses, 1) if losses else sx.new_zeros(tasks, 0)
+    return trajectory, phi, inner, loss_tasks
