@@ -318,7 +318,9 @@ class Adjoint(MetaGradient):
             )
 
             # -------- backward: the adjoint over the states, one recomputed segment at a time
-            losses = [None] * K
+            # one preallocated buffer: K small tensors kept alive through the backward pass would
+            # pin the heap between the large temporaries and keep it from shrinking (peak RSS)
+            inner = ref.new_empty(n_tasks, K)
             if self.backward != "discrete":
                 hlam, mlam, _ = step_back(final, lam)
             for lo, hi in reversed(bounds):
@@ -328,11 +330,11 @@ class Adjoint(MetaGradient):
                 for j in range(hi - 1, lo - 1, -1):
                     u_j = segment_states.pop(j)
                     if self.backward != "discrete":
-                        lam, hlam, mlam_j, losses[j] = heun(u_j, lam, hlam)
+                        lam, hlam, mlam_j, inner[:, j] = heun(u_j, lam, hlam)
                         g_phi = {n: g_phi[n] - 0.5 * _bcast(steps, g_phi[n]) * (mlam[n] + mlam_j[n]) for n in phi}
                         mlam = mlam_j
                     else:
-                        hl, ml, losses[j] = step_back(u_j, lam)
+                        hl, ml, inner[:, j] = step_back(u_j, lam)
                         lam = {n: lam[n] - _bcast(steps, lam[n]) * hl[n] for n in names}
                         g_phi = {n: g_phi[n] - _bcast(steps, g_phi[n]) * ml[n] for n in phi}
                 segment_states = None
@@ -368,7 +370,7 @@ class Adjoint(MetaGradient):
             "model": {n: per_task[n].mean(0) for n in model_p},
             "rule": {k: torch.zeros_like(v) for k, v in meta_params["rule"].items()},
         }
-        aux = {"query_loss": query.detach(), "inner_loss": torch.stack(losses, 1).detach()}
+        aux = {"query_loss": query.detach(), "inner_loss": inner}
         return grads, query.mean().detach(), aux
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
