@@ -85,7 +85,11 @@ class Implicit(MetaGradient):
     ``((1 + damping) I + H/lam) v = grad_u L_val(u*)`` (``damping = 0`` is the exact system; a
     positive ``damping`` regularizes an indefinite ``H``). Hessian-vector products come from
     ``torch.func.vjp`` of the gradient; ``H`` is never formed. The CG loop has a fixed length
-    and no data-dependent branches, so a meta-batch runs under ``vmap``.
+    and no data-dependent branches, so a meta-batch runs under ``vmap``. With plain gradient
+    descent steps (``inner_lr``, or the rule :class:`~metagrad.rules.SGD`) a vectorized
+    meta-batch is solved stacked instead: plain autograd over all tasks at once and CG with
+    per-task step sizes (:meth:`batch_gradient`), the same computation with less overhead
+    (0.28 s against 0.56 s per meta-gradient at 500 steps on the 2x32 MLP, one CPU thread).
 
     Parameters that do not adapt (``phi``, e.g. the ANIL body) get
     ``dJ/dphi = d_phi L_val(u*) - (1/lam) (d_phi grad_u L_tr(u*))^T v``, the mixed second
