@@ -67,6 +67,36 @@ between 20 and 100 steps and then rises (the 50 support points are overfitted):
 | MAML-1 | 0.725 | 0.743 | 0.748 | 0.753 | 0.800 +- 0.090 |
 | Reptile (200) | 0.765 | 0.692 | 0.692 | 0.704 | 0.830 +- 0.172 |
 
+The 100shot-100val panels (T = 5, 500 / 50 steps: ``--set 'shots=[100]' --set 'long_steps=[500]'
+--set 'maml_steps=[50]'`` with one function) have their baseline rows only: A-MAML there takes
+about 1.5 s per meta-iteration on one CPU thread, rising as it trains (2 h or more for 5,000),
+longer than the session that ran the others could give it. CosMixture, seed 0 (each method a
+``--variant`` run on one thread, 10-50 min each, merged):
+
+| method | 0 | 20 | 100 | 1,000 |
+|---|---|---|---|---|
+| Reptile (500) | 0.121 | 0.058 | 0.033 | **0.019 +- 0.010** |
+| MAML (50) | 0.614 | 0.069 | 0.049 | 0.032 +- 0.019 |
+| iMAML (500) | 0.142 | 0.072 | 0.051 | 0.033 +- 0.021 |
+| FOMAML (500) | 6.875 | 0.147 | 0.063 | 0.034 +- 0.018 |
+| MAML-1 | 0.132 | 0.081 | 0.064 | 0.047 +- 0.032 |
+
+As at 50 shots, Reptile leads on CosMixture (unlike the paper); MAML-1 trails MAML throughout and
+FOMAML from the start to 1,000 steps. Alpine, the same way:
+
+| method | 0 | 20 | 100 | 1,000 |
+|---|---|---|---|---|
+| Reptile (500) | 0.800 | **0.476** | **0.361** | **0.347 +- 0.078** |
+| iMAML (500) | 0.763 | 0.682 | 0.671 | 0.689 +- 0.063 |
+| MAML (50) | 0.915 | 0.704 | 0.670 | 0.691 +- 0.067 |
+| MAML-1 | 0.727 | 0.732 | 0.733 | 0.751 +- 0.063 |
+| FOMAML (500) | 19.63 | 1.105 | 0.955 | 0.764 +- 0.066 |
+
+Here MAML-1 falls behind MAML from 20 steps on (the paper's "particularly evident" case), iMAML is
+second early on and then level with MAML (as in the paper), and FOMAML trails; Reptile, trained
+through 500 steps, finds an initialization far better than the others (the paper has it behind
+MAML), where at 50 shots it was last.
+
 On Alpine the paper's comparisons point its way: A-MAML best from 50 steps on, MAML-1 and FOMAML
 behind MAML throughout, Reptile behind MAML from 200 steps on and last at 1,000; iMAML stays just
 behind MAML (the paper has it second early on; here MAML and Reptile are).
