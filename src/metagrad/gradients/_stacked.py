@@ -1,7 +1,8 @@
 """Support losses, gradients and Hessian-vector products of a whole meta-batch at once.
 
-The meta-gradients that solve the inner problem themselves (adjoint, implicit) keep the adapted
-parameters of all tasks stacked, ``{name: [tasks, *shape]}``, and differentiate the sum of the
+The stacked paths of the meta-gradients (adjoint and implicit always; unrolled, first-order and
+Reptile for plain SGD on plain MLPs, :func:`plain_sgd_applies`) keep the adapted parameters of all
+tasks stacked, ``{name: [tasks, *shape]}``, and differentiate the sum of the
 per-task losses with plain autograd: task ``i``'s loss depends only on slice ``i``, so the
 gradient of the sum holds every task's own gradient, and a pullback of that gradient is every
 task's Hessian-vector product. One autograd graph per state is cheaper than ``vmap`` of

@@ -157,12 +157,7 @@ class Implicit(MetaGradient):
         losses = []
         for _ in range(steps):
             loss, g = _stacked.grad_tasks(loss_tasks, names, u, phi, sx, sy)
-            g = {n: g[n] + lam * (u[n] - theta[n]) for n in names}
-            if self.inner_lr is None:
-                u, state = rule.step(u, g, state)
-            else:
-                u = {n: u[n] - self.inner_lr * g[n] for n in names}
-            u = {n: t.detach() for n, t in u.items()}
+            u, state = self._proximal_step(rule, u, g, theta, state)
             losses.append(loss)
 
         # outer gradient at u*: query gradients, then CG on every task's system at once
@@ -174,11 +169,7 @@ class Implicit(MetaGradient):
         g_u, g_phi = dict(zip(names, g_all)), dict(zip(phi, g_all[len(names):]))
         pull, _ = _stacked.linearized(loss_tasks, names, u, phi, sx, sy)
 
-        def matvec(v):
-            hv, _ = pull(v)
-            return {n: (1.0 + self.damping) * v[n] + hv[n] / lam for n in names}
-
-        v = conjugate_gradient(matvec, g_u, self.cg_steps, batched=True)
+        v = self._cg_solve(lambda w: pull(w)[0], g_u, batched=True)
         per_task = dict(v)
         if phi:
             _, m_v = pull(v, last=True)
@@ -189,6 +180,25 @@ class Implicit(MetaGradient):
         }
         inner = torch.stack(losses, 1) if losses else sx.new_zeros(n_tasks, 0)
         return grads, query.detach().mean(), {"query_loss": query.detach(), "inner_loss": inner}
+
+    def _proximal_step(self, rule, u: dict, g: dict, theta: dict, state: dict):
+        """One inner step on ``L_tr(u) + lam/2 ||u - theta||^2`` from the support gradient ``g``
+        (the rule's step, or plain GD at ``inner_lr``); returns the detached ``(u, state)``."""
+        g = {n: g[n] + self.lam * (u[n] - theta[n]) for n in u}
+        if self.inner_lr is None:
+            u, state = rule.step(u, g, state)
+        else:
+            u = {n: u[n] - self.inner_lr * g[n] for n in u}
+        return {n: t.detach() for n, t in u.items()}, state
+
+    def _cg_solve(self, hessian_vector, g_u: dict, *, batched: bool) -> dict:
+        """``v`` from ``cg_steps`` of CG on ``((1 + damping) I + H/lam) v = g_u``, ``H`` given by
+        ``hessian_vector(v) -> H v``."""
+        def matvec(v):
+            hv = hessian_vector(v)
+            return {n: (1.0 + self.damping) * v[n] + hv[n] / self.lam for n in v}
+
+        return conjugate_gradient(matvec, g_u, self.cg_steps, batched=batched)
 
     @staticmethod
     def _check_rule(rule) -> None:
@@ -214,23 +224,14 @@ class Implicit(MetaGradient):
         losses = []
         for _ in range(steps):
             g, loss = grad_and_value(loss_at)(u, phi, sx, sy)
-            g = {n: g[n] + lam * (u[n] - theta[n]) for n in names}
-            if self.inner_lr is None:
-                u, state = rule.step(u, g, state)
-            else:
-                u = {n: u[n] - self.inner_lr * g[n] for n in names}
-            u = {n: t.detach() for n, t in u.items()}
+            u, state = self._proximal_step(rule, u, g, theta, state)
             losses.append(loss.detach())
 
         # outer gradient at u*
         (g_u, g_phi), query = grad_and_value(loss_at, argnums=(0, 1))(u, phi, qx, qy)
         _, hvp = vjp(lambda uu: grad(loss_at)(uu, phi, sx, sy), u)
 
-        def matvec(v):
-            (hv,) = hvp(v)
-            return {n: (1.0 + self.damping) * v[n] + hv[n] / lam for n in names}
-
-        v = conjugate_gradient(matvec, g_u, self.cg_steps)
+        v = self._cg_solve(lambda w: hvp(w)[0], g_u, batched=False)
         grads_model = dict(v)
         if phi:
             _, mixed = vjp(lambda ph: grad(loss_at)(u, ph, sx, sy), phi)
