@@ -11,7 +11,7 @@ import torch
 from metagrad.experiments import get_experiment, merge_runs, run
 from metagrad.experiments.amaml_regression import TanhMLP, nrmse
 from metagrad.gradients import META_GRADIENTS, MetaGradient
-from metagrad.tasks import Alpine, CosMixture, TaskBatch
+from metagrad.tasks import Alpine, CosMixture
 
 FAMILIES = [CosMixture, Alpine]
 

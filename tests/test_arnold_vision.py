@@ -92,7 +92,7 @@ def _paper_line(label: str, first: str = "") -> list[float]:
     for line in PAPER.read_text().splitlines():
         if line.startswith(label + first):
             return [float(t.strip("$")) for t in line[len(label):].split() if t.strip("$").replace(".", "").isdigit()]
-    raise AssertionError(f"no line starting with {prefix!r}")
+    raise AssertionError(f"no line starting with {label + first!r} in {PAPER}")
 
 
 @pytest.mark.skipif(not PAPER.exists(), reason="paper text not present")

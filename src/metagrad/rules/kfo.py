@@ -9,8 +9,6 @@ update: the adapted model has the base model's parameters and function class.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
