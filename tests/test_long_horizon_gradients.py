@@ -313,6 +313,29 @@ def test_stacked_forward_equals_vmap_of_functional_call():
     assert stacked_forward(mg.models.MLP(2, [8, 8], 1)) is not None
 
 
+
+def test_batched_task_losses_equal_vmap_of_the_loss():
+    # the stacked paths compute mse-type losses per task without vmap; vmap of the loss is the reference
+    import torch.nn.functional as F
+    from torch.func import vmap
+
+    from metagrad.gradients._stacked import _per_task_loss
+    from metagrad.metrics import half_mse
+
+    torch.manual_seed(0)
+    for loss_fn in (mse, half_mse, F.mse_loss):
+        f = _per_task_loss(loss_fn)
+        for shape in ((4, 7, 1), (4, 3), (4, 2, 5, 3)):
+            pred, y = torch.randn(shape, dtype=DT), torch.randn(shape, dtype=DT)
+            assert torch.allclose(f(pred, y), vmap(loss_fn)(pred, y), rtol=1e-14, atol=0)
+    # shapes that broadcast keep vmap's semantics; other losses keep vmap
+    pred, y = torch.randn(4, 7, 1, dtype=DT), torch.randn(4, 7, dtype=DT)
+    with pytest.warns(UserWarning):
+        assert torch.allclose(_per_task_loss(mse)(pred, y), vmap(mse)(pred, y), rtol=1e-14, atol=0)
+    l1 = _per_task_loss(F.l1_loss)
+    pred, y = torch.randn(4, 7, 1, dtype=DT), torch.randn(4, 7, 1, dtype=DT)
+    assert torch.allclose(l1(pred, y), (pred - y).abs().mean((1, 2)), rtol=1e-14, atol=0)
+
 def test_stacked_forward_refuses_what_it_cannot_reproduce():
     from metagrad.models._stacked import stacked_forward
 
