@@ -69,8 +69,8 @@ class Adjoint(MetaGradient):
     The difference ``H(u_j)(lambda_j - lambda~_j)`` is ``O(h^2)``, so the global error stays
     ``O(h^2)``: on the ``amaml-regression`` MLP (T = 2, h = 0.01) the relative error against a
     float64 reference is 8.8e-5 against 6.8e-5 for PECE. At T = 5 (K = 500, 100 shots, one CPU
-    thread) the meta-gradient takes 0.86 s against 1.09 s, where unrolled MAML over the same 500
-    SGD steps takes 0.62 s (``benchmarks/README.md``).
+    thread) the meta-gradient takes 0.79 s against 1.10 s, where unrolled MAML over the same 500
+    SGD steps takes 0.58 s (``benchmarks/README.md``).
 
     ``forward="euler"`` replaces the ODE solver by ``K`` explicit Euler steps
     ``u_{k+1} = u_k - h grad L_tr(u_k)``, i.e. MAML's inner loop with SGD at rate ``h``.
