@@ -313,7 +313,6 @@ def test_stacked_forward_equals_vmap_of_functional_call():
     assert stacked_forward(mg.models.MLP(2, [8, 8], 1)) is not None
 
 
-
 def test_batched_task_losses_equal_vmap_of_the_loss():
     # the stacked paths compute mse-type losses per task without vmap; vmap of the loss is the reference
     import torch.nn.functional as F
@@ -335,6 +334,7 @@ def test_batched_task_losses_equal_vmap_of_the_loss():
     l1 = _per_task_loss(F.l1_loss)
     pred, y = torch.randn(4, 7, 1, dtype=DT), torch.randn(4, 7, 1, dtype=DT)
     assert torch.allclose(l1(pred, y), (pred - y).abs().mean((1, 2)), rtol=1e-14, atol=0)
+
 
 def test_stacked_forward_refuses_what_it_cannot_reproduce():
     from metagrad.models._stacked import stacked_forward

@@ -73,11 +73,11 @@ MAML-1 and FOMAML behind MAML throughout, Reptile behind MAML from 200 steps on 
 
 On CosMixture at 50 shots, as in the paper, A-MAML's initialization trains best from 20 steps
 on, MAML-1 trails MAML, and FOMAML trails MAML; unlike the paper, Reptile beats MAML (and
-iMAML). A-MAML's validation nRMSE during training (20 tasks, 100 steps) lags MAML, Reptile and iMAML up to 2,000
-iterations (0.137 vs 0.085-0.097 at 500, all 0.056 at 2,000) and passes them from 2,500 on
-(0.051 vs 0.055 or more), as the others level off. So the quick setting raises the meta lr: at
-the paper's 1e-3, 300 iterations gave Reptile 0.137, MAML 0.151, A-MAML 0.161, MAML-1 0.178,
-FOMAML 0.208 after 500 steps.
+iMAML). A-MAML's validation nRMSE during training (20 tasks, 100 steps) lags MAML, Reptile and
+iMAML up to 2,000 iterations (0.137 vs 0.085-0.097 at 500, all 0.056 at 2,000) and passes them
+from 2,500 on (0.051 vs 0.055 or more), as the others level off. So the quick setting raises the
+meta lr: at the paper's 1e-3, 300 iterations gave Reptile 0.137, MAML 0.151, A-MAML 0.161,
+MAML-1 0.178, FOMAML 0.208 after 500 steps.
 
 The 100shot-100val panels (T = 5, 500 / 50 steps: ``--set 'shots=[100]' --set 'long_steps=[500]'
 --set 'maml_steps=[50]'`` with one function), seed 0, each method a ``--variant`` run on one CPU
