@@ -245,6 +245,26 @@ class MetaLearner(nn.Module):
         outs = [fn(meta_params, *(t[i] for t in batch)) for i in range(batch.num_tasks)]
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
+    def _mean_task_gradients(self, fn, meta_params, batch: TaskBatch, vectorize: bool):
+        """``fn(meta_params, sx, sy, qx, qy) -> (grads, rest)`` for every task; returns ``grads``
+        averaged over the tasks and ``rest`` stacked on dim 0.
+
+        The per-task loop sums the gradients as it goes rather than stacking them: a rule whose
+        state is large (Meta-KFO's ``[n, n]`` factors of a wide head) would otherwise copy a
+        ``[tasks, n, n]`` stack per factor only to average it.
+        """
+        tree_map = torch.utils._pytree.tree_map
+        if vectorize:
+            grads, rest = vmap(fn, in_dims=_TASK_DIMS)(meta_params, *batch)
+            return tree_map(lambda g: g.mean(0), grads), rest
+        total, rests = None, []
+        for i in range(batch.num_tasks):
+            grads, rest = fn(meta_params, *(t[i] for t in batch))
+            total = tree_map(torch.clone, grads) if total is None else tree_map(torch.Tensor.add_, total, grads)
+            rests.append(rest)
+        n = batch.num_tasks
+        return tree_map(lambda g: g.div_(n), total), tree_map(lambda *xs: torch.stack(xs), *rests)
+
     # ------------------------------------------------------------------ public API
     def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
         """Adapt to one task's support set; returns the full adapted parameter dict.

@@ -56,8 +56,8 @@ class MetaGradient:
         ``F.batch_norm(training=True)``), then the mean over tasks. ``aux`` values keep a
         leading task dimension.
         """
-        grads, (objective, aux) = learner._map_tasks(partial(self.task_gradient, learner), meta_params, batch, vectorize)
-        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
+        grads, (objective, aux) = learner._mean_task_gradients(partial(self.task_gradient, learner), meta_params,
+                                                               batch, vectorize)
         return grads, objective.mean(), aux
 
     def gradient(self, learner: "MetaLearner", meta_params, batch, vectorize: bool):
@@ -90,8 +90,7 @@ class MetaGradient:
             inner = torch.cat([torch.stack(losses), aux["inner_loss"]]) if losses else aux["inner_loss"]
             return grads, (objective, {**aux, "inner_loss": inner})
 
-        grads, (objective, aux) = learner._map_tasks(one_task, meta_params, batch, vectorize and per_task)
-        grads = torch.utils._pytree.tree_map(lambda g: g.mean(0), grads)
+        grads, (objective, aux) = learner._mean_task_gradients(one_task, meta_params, batch, vectorize and per_task)
         return grads, objective.mean(), aux
 
     def __repr__(self) -> str:
