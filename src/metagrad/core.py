@@ -255,7 +255,7 @@ class MetaLearner(nn.Module):
         """
         tree_map = torch.utils._pytree.tree_map
         if vectorize:
-            grads, rest = vmap(fn, in_dims=_TASK_DIMS)(meta_params, *batch)
+            grads, rest = self._map_tasks(fn, meta_params, batch, True)
             return tree_map(lambda g: g.mean(0), grads), rest
         total, rests = None, []
         for i in range(batch.num_tasks):
