@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metagrad.experiments import get_experiment, run
+from metagrad.experiments import get_experiment, merge_runs, run
 from metagrad.experiments import arnold_vision as av
 from metagrad.models import CNN
 
@@ -179,3 +179,32 @@ def test_init_option_reaches_every_cnn_of_the_experiments():
         convs = [m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all((m.bias == 0).all() for m in convs), method  # PyTorch's init has nonzero biases
     assert (av.base_cnn(2, cfg).features[0].bias == 0).all()
+
+
+def test_variants_shared_between_experiments_merge_into_another_experiments_run(tmp_path, omniglot_root):
+    # MAML and Meta-KFO on CNN(2) trained for Table 3 complete a Fig. 4 run trained on CNN(3) only:
+    # the merged report equals that of one arnold-depth run of all four variants
+    sets = TINY + [f"data_root={omniglot_root}", f"cache_dir={tmp_path / 'cache'}", "architectures=[2,3]"]
+    depth = get_experiment("arnold-depth")
+    full = run(depth, tmp_path / "full", sets, progress=False)
+    t3_sets = TINY + [f"data_root={omniglot_root}", f"cache_dir={tmp_path / 'cache'}",
+                      'methods=["maml","maml-kfo","anil"]']
+    run(get_experiment("arnold-table3"), tmp_path / "t3", t3_sets, progress=False)
+    run(depth, tmp_path / "deep", sets, progress=False, variants=["maml-cnn3", "maml-kfo-cnn3"])
+    merged = merge_runs(depth, tmp_path / "merged", [tmp_path / "deep", tmp_path / "t3"])
+    assert set(merged["variants"]) == set(full["variants"])
+    for name, row in full["variants"].items():  # same seeds, same model, whichever experiment trained it
+        assert merged["variants"][name]["accuracy"] == pytest.approx(row["accuracy"], rel=1e-6)
+    assert merged["kfo_gain_by_depth"]["2"]["gain"] == pytest.approx(full["kfo_gain_by_depth"]["2"]["gain"],
+                                                                     rel=1e-6, abs=1e-9)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()) == \
+        json.loads((tmp_path / "full" / "config.json").read_text())
+    assert not (tmp_path / "merged" / "anil-cnn2").exists()  # Table 3's other variants stay out
+    # a variant trained at other rates is refused, and nothing is written
+    run(get_experiment("arnold-table3"), tmp_path / "t3-lr", t3_sets + ["adapt_lr.maml=0.1"], progress=False,
+        variants=["maml-cnn2"])
+    with pytest.raises(ValueError, match="'rates' differs"):
+        merge_runs(depth, tmp_path / "m2", [tmp_path / "deep", tmp_path / "t3-lr"])
+    with pytest.raises(ValueError, match="holds a 'arnold-depth' run"):  # another experiment's runs alone
+        merge_runs(depth, tmp_path / "m3", [tmp_path / "t3"])
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()

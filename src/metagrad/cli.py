@@ -34,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
                    help="evaluate only this variant (repeatable)")
     e.add_argument("--device", default=None, help="evaluate on this torch device, e.g. cuda (default: cpu)")
-    m = sub.add_parser("merge", help="combine runs of one experiment trained with --variant into one run folder "
-                                     "and write its report (nothing is retrained)")
-    m.add_argument("sources", nargs="+", type=Path, metavar="DIR", help="run directories to combine")
+    m = sub.add_parser("merge", help="combine runs trained with --variant into one run folder of the first "
+                                     "one's experiment and write its report (nothing is retrained)")
+    m.add_argument("sources", nargs="+", type=Path, metavar="DIR",
+                   help="run directories to combine; runs of another experiment add the variants both have")
     m.add_argument("--out", required=True, type=Path, help="the merged run directory (must not exist)")
     m.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="a top-level config key that may differ between the runs, e.g. vectorize (repeatable)")

@@ -424,6 +424,15 @@ class _ArnoldVision(Experiment):
             raise ValueError("no variants: methods and architectures must be non-empty")
         return specs
 
+    def variant_config(self, config, name) -> dict:
+        """Method, conv layers and rates of variant ``name``, and the config keys every variant
+        shares; not the experiment's other methods and architectures, so that a variant trained in
+        one of these experiments merges into another's run (``metagrad merge``)."""
+        method, k = self.variant_specs(config)[name]
+        own = ("only", "experiment", "methods", "architectures", "adapt_lr", "meta_lr")
+        shared = {key: v for key, v in config.items() if key not in own}
+        return shared | {"method": method, "conv_layers": k, "rates": list(rates(config, method))}
+
     def _split(self, config, which):
         key = (config["dataset"], config["data_root"], config["cache_dir"], config["download"], which)
         if key not in self._data:

@@ -55,6 +55,13 @@ class Experiment:
         """Make the experiment's summary (returned, written as summary.json) and plots."""
         return {name: res for name, res in results.items()}
 
+    def variant_config(self, config: dict, name: str) -> dict:
+        """What in ``config`` determines how variant ``name`` trains and evaluates. Two runs whose
+        variant configs are equal train that variant alike, so :func:`merge_runs` may take it from
+        either, even from a run of another experiment that has a variant of the same name.
+        Default: the whole config but ``"only"`` and ``"experiment"``."""
+        return {k: v for k, v in config.items() if k not in ("only", "experiment")}
+
     # ------------------------------------------------------------------
     def resolve(self, overrides=()) -> dict:
         """Defaults, then the quick settings if ``quick=true`` is asked for, then the overrides."""
@@ -204,19 +211,25 @@ def _write_report(experiment: Experiment, config: dict, results: dict, out_dir: 
 
 
 def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=()) -> dict:
-    """Combine run folders of one experiment, each trained with some of its variants (``metagrad
-    run --variant``, e.g. side by side on one GPU), into ``out_dir`` and write the experiment's
-    report there; returns the summary. Nothing is trained or evaluated: each variant's folder
+    """Combine run folders, each trained with some of ``experiment``'s variants (``metagrad run
+    --variant``, e.g. side by side on one GPU), into ``out_dir`` and write the experiment's report
+    there; returns the summary. Nothing is trained or evaluated: each variant's folder
     (checkpoint, metrics, ``summary.json``) is copied as it is.
 
-    The sources' configs must be equal apart from ``"only"`` and the keys in ``ignore`` (e.g.
-    ``vectorize`` or ``cache_dir``, which change speed, not results), which take the first
-    source's value; a variant may come from one source only, and every variant must have finished
-    (its ``summary.json`` exists). ``out_dir`` must not exist: it is built beside itself under a
-    temporary name and renamed at the end, so a failure leaves nothing there.
+    The merged run's config is that of the first source holding an ``experiment`` run. Other
+    sources may hold runs of other experiments: they contribute the variants whose names
+    ``experiment`` has too (Arnold et al.'s MAML on CNN(2) is a variant of Table 1, Table 3 and
+    Fig. 4, so it need only be trained once). A variant is taken only where its
+    :meth:`Experiment.variant_config` equals the merged run's, apart from the keys in ``ignore``
+    (e.g. ``vectorize`` or ``cache_dir``, which change speed, not results); a variant may come from
+    one source only, and must have finished there (its ``summary.json`` exists). ``out_dir`` must
+    not exist: it is built beside itself under a temporary name and renamed at the end, so a
+    failure leaves nothing there.
     """
     import shutil
     import tempfile
+
+    from . import get_experiment
 
     out_dir = Path(out_dir)
     sources = [Path(s) for s in sources]
@@ -231,25 +244,26 @@ def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=(
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
         configs.append(read_json(cfg_path))
-    first = configs[0]
-    if first.get("experiment") != experiment.name:
-        raise ValueError(f"{sources[0]} holds a {first.get('experiment')!r} run, not {experiment.name!r}")
-    skip = {"only"} | ignore
-    for src, cfg in zip(sources[1:], configs[1:]):
-        for key in sorted((set(first) | set(cfg)) - skip):
-            if first.get(key) != cfg.get(key):
-                raise ValueError(f"config key {key!r} differs: {first.get(key)!r} in {sources[0]}, "
-                                 f"{cfg.get(key)!r} in {src} (pass it in ignore / --ignore if it does not "
-                                 f"change results)")
-    config = {k: v for k, v in first.items() if k != "only"}
+    home = next((i for i, cfg in enumerate(configs) if cfg.get("experiment") == experiment.name), None)
+    if home is None:
+        raise ValueError(f"none of {', '.join(map(str, sources))} holds a {experiment.name!r} run; other "
+                         f"experiments' runs can only add variants to one")
+    config = {k: v for k, v in configs[home].items() if k != "only"}
     every = list(experiment.variants(config))
     owner: dict[str, Path] = {}
     for src, cfg in zip(sources, configs):
-        for name in _selected(experiment, cfg, every):
-            if not (src / name / "summary.json").exists():
-                continue  # not trained to the end there
+        src_exp = experiment if cfg.get("experiment") == experiment.name else get_experiment(cfg.get("experiment"))
+        for name in _selected(src_exp, cfg):
+            if name not in every or not (src / name / "summary.json").exists():
+                continue  # not a variant of ``experiment``, or not trained to the end there
             if name in owner:
                 raise ValueError(f"variant {name!r} is in both {owner[name]} and {src}")
+            want, got = experiment.variant_config(config, name), src_exp.variant_config(cfg, name)
+            for key in sorted((set(want) | set(got)) - ignore):
+                if want.get(key) != got.get(key):
+                    raise ValueError(f"config key {key!r} differs: {want.get(key)!r} in {sources[home]}, "
+                                     f"{got.get(key)!r} in {src} (variant {name!r}; pass it in ignore / --ignore "
+                                     f"if it does not change results)")
             owner[name] = src
     if not owner:
         raise ValueError(f"no finished variant in {', '.join(map(str, sources))}")
