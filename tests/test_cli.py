@@ -108,6 +108,37 @@ def test_variant_selection_trains_only_the_named_variants_and_resume_keeps_it(tm
     assert "unknown variant 'medium'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_resume_with_more_iterations_trains_on_to_the_run_of_that_length(tmp_path, capsys):
+    fast = ["--set", "quick=true", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4",
+            "--set", "train.eval_tasks=20", "--no-progress"]
+    short, straight = tmp_path / "short", tmp_path / "straight"
+    assert main(["run", "linreg-depth", "--out", str(short), "--set", "train.iterations=4", *fast]) == 0
+    assert main(["run", "linreg-depth", "--out", str(straight), "--set", "train.iterations=8", *fast]) == 0
+    capsys.readouterr()
+    before = (short / "config.json").read_text()
+
+    def refused(args, message):
+        assert main(["run", *args, "--resume", "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+
+    refused(["linreg-depth", "--out", str(short), "--set", "inner_lr=0.2"], "train.iterations may be raised")
+    refused(["linreg-depth", "--out", str(short), "--set", "train.iterations=3"], "at least the run's 4")
+    refused(["linreg-depth", "--out", str(short), "--set", "train.iterations=true"], "expects an integer")
+    assert (short / "config.json").read_text() == before  # a refused resume changes nothing
+    assert main(["run", "linreg-depth", "--out", str(short), "--resume", "--set", "train.iterations=8",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    longer, ref = (json.loads((d / "summary.json").read_text()) for d in (short, straight))
+    for name in ("shallow", "deep"):  # 4 + 4 iterations from the checkpoint: the 8-iteration run
+        assert json.loads((short / name / "summary.json").read_text())["iterations"] == 8
+        assert longer[name]["post_adapt_mse"] == pytest.approx(ref[name]["post_adapt_mse"], rel=1e-6)
+    assert json.loads((short / "config.json").read_text()) == json.loads((straight / "config.json").read_text())
+    land = tmp_path / "land"  # an experiment with no iteration key to raise refuses every --set on resume
+    assert main(["run", "linreg-landscape", "--out", str(land), "--set", "quick=true", "--no-progress"]) == 0
+    capsys.readouterr()
+    refused(["linreg-landscape", "--out", str(land), "--set", "iterations=500"], "no key of linreg-landscape")
+
+
 def test_merge_combines_variant_runs_into_the_full_report(tmp_path, capsys):
     # two processes each train one variant; merged, they give the report of one run of both
     fast = ["--set", "quick=true", "--set", "train.iterations=4", "--set", "train.eval_tasks=20", "--no-progress"]

@@ -21,7 +21,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (dotted key, JSON value); repeatable")
     r.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
                    help="train only this variant (repeatable; default: all)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoints")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoints (with --set train.iterations=N: train "
+                        "its variants on to N meta-iterations, where the experiment allows it)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",

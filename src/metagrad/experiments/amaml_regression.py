@@ -203,6 +203,7 @@ def check_available(method: str, meta_gradient: str, options: dict) -> None:
 
 class AmamlRegression(Experiment):
     name = "amaml-regression"
+    resume_keys = ("train.iterations",)
     description = "A-MAML Fig 2: nRMSE vs test-time GD steps on CosMixture/Alpine from each method's initialization"
     partial_report = True
 

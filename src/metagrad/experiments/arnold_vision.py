@@ -349,6 +349,7 @@ class _ArnoldVision(Experiment):
     """Shared config, variants and report; subclasses set the name, methods and architectures."""
 
     methods: tuple[str, ...] = ()
+    resume_keys = ("train.iterations",)
     architectures: tuple[int, ...] = (2,)
     quick_methods: tuple[str, ...] | None = None
     quick_architectures: tuple[int, ...] | None = None

@@ -38,6 +38,9 @@ class Experiment:
     #: whether :meth:`report` accepts the results of a subset of the variants (``metagrad run
     #: --variant``); if not, such a run's summary is the plain per-variant results
     partial_report: bool = False
+    #: dotted config keys that ``--resume --set`` may raise, to train a run's variants for longer
+    #: (they must be how many meta-iterations each variant trains, read by nothing else)
+    resume_keys: tuple[str, ...] = ()
 
     def default_config(self) -> dict:
         """The full default config; must contain ``quick`` (bool) and ``seed`` (int)."""
@@ -118,11 +121,12 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     if resume:
         if not cfg_path.exists():
             raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
-        if overrides or variants:
-            raise ValueError("--set and --variant cannot be combined with --resume: the run's config.json is used as is")
+        if variants:
+            raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
         config = read_json(cfg_path)
         if config.get("experiment") != experiment.name:
             raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
+        config = _longer(experiment, config, overrides)
     else:
         config = experiment.resolve(overrides)
         if variants:
@@ -133,6 +137,7 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     names = _selected(experiment, config, every)
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume or overrides:
         write_json(cfg_path, config)
     if jobs > 1 and len(names) > 1:
         results = _train_parallel(experiment, config, names, out_dir, jobs, resume=resume, progress=progress,
@@ -141,6 +146,30 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
                                         device=device) for name in names}
     return _write_report(experiment, config, results, out_dir, partial=len(names) < len(every))
+
+
+def _longer(experiment: Experiment, config: dict, overrides) -> dict:
+    """``config`` with the ``overrides`` of a resumed run applied: only ``experiment.resume_keys``,
+    each to an integer no smaller than the run's (finished variants then train on from their last
+    checkpoint to the new count)."""
+    pairs = [_split_override(o) if isinstance(o, str) else tuple(o) for o in overrides]
+    for key, _ in pairs:
+        if key not in experiment.resume_keys:
+            allowed = ", ".join(experiment.resume_keys) or f"no key of {experiment.name}"
+            raise ValueError(f"--set {key} cannot be combined with --resume: the run's config.json is used as "
+                             f"is, except that {allowed} may be raised to train for longer")
+    longer = apply_overrides(config, dict(pairs))
+    for key, _ in pairs:
+        old, new = _dotted(config, key), _dotted(longer, key)
+        if new < old:  # apply_overrides has checked the type
+            raise ValueError(f"{key} must be at least the run's {old} to resume it, got {new!r}")
+    return longer
+
+
+def _dotted(config: dict, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Path, *, resume: bool,

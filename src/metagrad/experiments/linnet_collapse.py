@@ -39,6 +39,7 @@ LABELS = {"lr": "LR", "lr-linnet": "LR+LinNet", "lr-linnet-collapsed": "LR+LinNe
 
 class LinnetCollapse(Experiment):
     name = "linnet-collapse"
+    resume_keys = ("train.iterations",)
     description = "Arnold et al. Fig B.3: LR vs LR+LinNet vs the LinNet collapsed to LR before adaptation"
 
     def default_config(self) -> dict:

@@ -22,6 +22,7 @@ from .base import Experiment, Variant
 
 class LinregDepth(Experiment):
     name = "linreg-depth"
+    resume_keys = ("train.iterations",)
     description = "Arnold et al. Fig 1 left: MAML on 1-D linear regression, Shallow (c x) vs Deep (a b x)"
 
     def default_config(self) -> dict:

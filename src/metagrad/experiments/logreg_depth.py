@@ -31,6 +31,7 @@ LABELS = {"lr": "LR", "lr-linnet2": "LR+LinNet(2)", "lr-linnet3": "LR+LinNet(3)"
 
 class LogregDepth(Experiment):
     name = "logreg-depth"
+    resume_keys = ("train.iterations",)
     description = "Arnold et al. Fig B.1: MAML on 2-D logistic regression, LR vs LR+LinNet(2), LR+LinNet(3)"
 
     def default_config(self) -> dict:
