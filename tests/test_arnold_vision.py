@@ -208,3 +208,20 @@ def test_variants_shared_between_experiments_merge_into_another_experiments_run(
     with pytest.raises(ValueError, match="holds a 'arnold-depth' run"):  # another experiment's runs alone
         merge_runs(depth, tmp_path / "m3", [tmp_path / "t3"])
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def test_tiny_run_on_cifar_fs_reads_the_cifar100_tarball_and_reports_its_paper_numbers(tmp_path):
+    from test_data_readers import make_cifar100_tarball  # the generated CIFAR-100 fixture of the reader tests
+
+    (tmp_path / "data" / "cifar100").mkdir(parents=True)
+    make_cifar100_tarball(tmp_path / "data" / "cifar100" / "cifar-100-python.tar.gz", per_class_train=4,
+                          per_class_test=2)
+    out = tmp_path / "run"
+    sets = TINY + [f"data_root={tmp_path / 'data'}", f"cache_dir={tmp_path / 'cache'}", "dataset=cifar-fs"]
+    summary = run(get_experiment("arnold-table2"), out, sets, progress=False)
+    assert summary["dataset"] == "cifar-fs" and summary["splits"] == {"train": "train", "test": "test"}
+    for name, paper in (("anil-cnn2", 66.10), ("anil-linnet-cnn2", 67.55)):  # Table 2's CIFAR-FS column
+        row = summary["variants"][name]
+        assert row["paper_accuracy"] == paper and 0.0 <= row["accuracy"] <= 100.0 and row["test_tasks"] == 8
+        assert row["paper_rates"] == list(av.paper_rates("cifar-fs", row["method"]))
+    assert "66.10 (Table 2)" in (out / "table.md").read_text()
