@@ -104,6 +104,10 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     ``device``: train and evaluate there (``"cuda"``, ``"cuda:1"``; default: the CPU). It is not
     part of the config: a run started on one device can be resumed on another.
 
+    ``resume``: continue the run in ``out_dir`` under its own ``config.json``; ``overrides`` may
+    then only raise the experiment's :attr:`Experiment.resume_keys` (e.g.
+    ``train.iterations=2000``), which trains every variant on from its last checkpoint.
+
     ``variants``: train only these of the experiment's variants (names; recorded in the run's
     ``config.json`` as ``"only"``, so ``resume`` keeps the selection); the report covers them.
 
