@@ -125,6 +125,30 @@ def test_standardization_uses_training_pool_statistics(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_statistics_do_not_depend_on_the_number_of_threads(family):
+    # torch's sums over 10^5 elements change in the last bits with the intra-op thread count;
+    # the statistics must not, or two families of one seed could standardize differently
+    threads = torch.get_num_threads()
+    try:
+        seen = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            seen.append(family(seed=5).stats)
+    finally:
+        torch.set_num_threads(threads)
+    for other in seen[1:]:
+        for k, v in seen[0].items():
+            assert torch.equal(v, other[k]), k
+    # and they are the training pool's moments (reference: float64 torch on one thread)
+    f = family(seed=5)
+    x = f._draw_x(f.pool_size, f.stats_points, f._streams(3))
+    y = f.function(x, **{k: v[: f.pool_size] for k, v in f._all_params().items()})
+    ref = {"x_mean": x.mean((0, 1)), "x_std": x.std((0, 1)), "y_mean": y.mean(), "y_std": y.std()}
+    for k, v in ref.items():
+        torch.testing.assert_close(seen[0][k], v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fresh_points_evaluate_a_pool_function(family):
     f = family(points="fresh", split="test", shots=10, queries=10)
     batch = f.sample(3, generator=_gen(0))

@@ -133,9 +133,14 @@ class _PooledFunctions:
             train = {k: v[: self.pool_size] for k, v in self._all_params().items()}
             x = self._draw_x(self.pool_size, self.stats_points, self._streams(3))
             y = self.function(x, **train)
+            # NumPy's reductions, not torch's: a torch sum over many elements is split among
+            # the intra-op threads, so its last bits depend on how many there are, and two
+            # families of one seed would standardize differently in one process.
+            xs, ys = x.reshape(-1, self.dim).numpy(), y.numpy()
             self._cache["stats"] = {
-                "x_mean": x.mean((0, 1)), "x_std": x.std((0, 1)),
-                "y_mean": y.mean(), "y_std": y.std(),
+                "x_mean": torch.from_numpy(xs.mean(0)), "x_std": torch.from_numpy(xs.std(0, ddof=1)),
+                "y_mean": torch.tensor(ys.mean(), dtype=torch.float64),
+                "y_std": torch.tensor(ys.std(ddof=1), dtype=torch.float64),
             }
         return self._cache["stats"]
 
