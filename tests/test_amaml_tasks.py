@@ -228,6 +228,34 @@ def test_variant_runs_report_their_rows_and_merge_into_the_full_report(tmp_path)
             full["panels"]["cosmixture-50shot"][m]["nrmse_mean"], rel=1e-6)
 
 
+def test_a_one_panel_run_merges_into_a_run_of_every_panel(tmp_path):
+    # the 100-shot panel trained alone (its own shots/steps lists) merges into a two-panel run
+    exp = get_experiment("amaml-regression")
+    base = TINY[:-2] + ['methods=["maml-1","fomaml"]', "pool_size=40", 'functions=["cosmixture","alpine"]']
+    two = base + ["shots=[5,8]", "long_steps=[6,7]", "maml_steps=[2,3]"]
+    full = run(exp, tmp_path / "full", two, progress=False)
+    run(exp, tmp_path / "home", two, progress=False, variants=["cosmixture-5shot-maml-1", "alpine-8shot-fomaml"])
+    one = base + ["shots=[8]", "long_steps=[7]", "maml_steps=[3]", "train.checkpoint_every=2"]
+    run(exp, tmp_path / "one", one, progress=False, variants=["cosmixture-8shot-fomaml", "alpine-8shot-maml-1"])
+    with pytest.raises(ValueError, match="'train' differs"):
+        merge_runs(exp, tmp_path / "merged", [tmp_path / "home", tmp_path / "one"])
+    assert not (tmp_path / "merged").exists()
+    merged = merge_runs(exp, tmp_path / "merged", [tmp_path / "home", tmp_path / "one"],
+                        ignore=["train.checkpoint_every"])
+    names = ["cosmixture-5shot-maml-1", "cosmixture-8shot-fomaml", "alpine-8shot-maml-1", "alpine-8shot-fomaml"]
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()) == json.loads(
+        (tmp_path / "full" / "config.json").read_text()) | {"only": names}  # the home run's two-panel config
+    for name in names:
+        panel, m = name.rsplit("shot-", 1)
+        r = full["panels"][panel + "shot"][m]
+        assert merged["panels"][panel + "shot"][m]["nrmse_mean"] == pytest.approx(r["nrmse_mean"], rel=1e-6)
+    # a variant of other inner steps is not the same variant
+    other = base + ["shots=[8]", "long_steps=[9]", "maml_steps=[3]"]
+    run(exp, tmp_path / "other", other, progress=False, variants=["cosmixture-8shot-maml-1"])
+    with pytest.raises(ValueError, match="'long_steps' differs"):
+        merge_runs(exp, tmp_path / "m2", [tmp_path / "home", tmp_path / "other"])
+
+
 class _NotYet(MetaGradient):
     def __init__(self, **options):
         self.options = options

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directories to combine; runs of another experiment add the variants both have")
     m.add_argument("--out", required=True, type=Path, help="the merged run directory (must not exist)")
     m.add_argument("--ignore", action="append", default=[], metavar="KEY",
-                   help="a top-level config key that may differ between the runs, e.g. vectorize (repeatable)")
+                   help="a config key that may differ between the runs, e.g. vectorize or train.checkpoint_every "
+                        "(dotted for nested keys; repeatable)")
     return p
 
 

@@ -315,6 +315,20 @@ class AmamlRegression(Experiment):
         return {f"{panel}-{m}": build(f, s, long, maml, m)
                 for panel, f, s, long, maml in self.panels(config) for m in config["methods"]}
 
+    def variant_config(self, config, name) -> dict:
+        """Function, shots, inner steps and method definition of variant ``name``, and the config
+        keys every variant shares; not the other panels and methods, so that a variant trained in
+        a run of one panel (``--set 'shots=[100]' ...``) merges into a run of all four
+        (``metagrad merge``)."""
+        own = ("only", "experiment", "functions", "shots", "long_steps", "maml_steps", "methods", "method_defs")
+        shared = {key: v for key, v in config.items() if key not in own}
+        for panel, f, s, long, maml in self.panels(config):
+            for m in config["methods"]:
+                if name == f"{panel}-{m}":
+                    return shared | {"function": f, "shots": s, "long_steps": long, "maml_steps": maml,
+                                     "method": m, "method_def": config["method_defs"][m]}
+        raise KeyError(f"{name!r} is not a variant of this config")
+
     # ------------------------------------------------------------------
     @staticmethod
     def nrmse_curve(learner: MetaLearner, batch: TaskBatch, steps: list[int], *, chunk: int = 20) -> Tensor:

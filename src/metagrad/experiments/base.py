@@ -176,6 +176,19 @@ def _dotted(config: dict, key: str):
     return config
 
 
+def _without(config: dict, keys) -> dict:
+    """A copy of ``config`` without ``keys`` (dotted keys name nested entries, ``train.seed``)."""
+    config = copy.deepcopy(config)
+    for key in keys:
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return config
+
+
 def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Path, *, resume: bool,
                    progress: bool, device=None, position: int | None = None) -> dict:
     """Build and fit one variant into ``out_dir / name``; returns its summary."""
@@ -254,7 +267,8 @@ def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=(
     ``experiment`` has too (Arnold et al.'s MAML on CNN(2) is a variant of Table 1, Table 3 and
     Fig. 4, so it need only be trained once). A variant is taken only where its
     :meth:`Experiment.variant_config` equals the merged run's, apart from the keys in ``ignore``
-    (e.g. ``vectorize`` or ``cache_dir``, which change speed, not results); a variant may come from
+    (e.g. ``vectorize``, ``cache_dir`` or ``train.checkpoint_every``, which change speed or files,
+    not results; dotted keys name nested entries); a variant may come from
     one source only, and must have finished there (its ``summary.json`` exists). ``out_dir`` must
     not exist: it is built beside itself under a temporary name and renamed at the end, so a
     failure leaves nothing there.
@@ -291,8 +305,9 @@ def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=(
                 continue  # not a variant of ``experiment``, or not trained to the end there
             if name in owner:
                 raise ValueError(f"variant {name!r} is in both {owner[name]} and {src}")
-            want, got = experiment.variant_config(config, name), src_exp.variant_config(cfg, name)
-            for key in sorted((set(want) | set(got)) - ignore):
+            want = _without(experiment.variant_config(config, name), ignore)
+            got = _without(src_exp.variant_config(cfg, name), ignore)
+            for key in sorted(set(want) | set(got)):
                 if want.get(key) != got.get(key):
                     raise ValueError(f"config key {key!r} differs: {want.get(key)!r} in {sources[home]}, "
                                      f"{got.get(key)!r} in {src} (variant {name!r}; pass it in ignore / --ignore "
