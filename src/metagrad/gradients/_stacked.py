@@ -20,6 +20,7 @@ from torch.func import vmap
 
 from ..metrics import half_mse, mse
 from ..models._stacked import stacked_forward
+from ._analytic import analytic_mlp
 
 
 def _mean_square(pred: Tensor, y: Tensor) -> Tensor:
@@ -58,6 +59,7 @@ def task_losses(learner, buffers: dict) -> Callable:
         def loss_tasks(u, ph, x, y):
             return per_task(stacked({**ph, **u}, x), y)
 
+        loss_tasks.analytic = analytic_mlp(learner.model, learner.loss_fn)
         return loss_tasks
 
     def loss_at(u, ph, x, y):
@@ -75,8 +77,20 @@ def support_grad(loss_tasks: Callable, names: list[str], u_leaves: list[Tensor],
         return loss, torch.autograd.grad(loss.sum(), u_leaves, create_graph=create_graph)
 
 
+def _analytic(loss_tasks: Callable, u: dict, ph: dict, x: Tensor, y: Tensor):
+    """The hand-written derivatives of ``loss_tasks`` (:mod:`._analytic`) where they apply to
+    these arguments (every parameter adapted), else ``None``."""
+    analytic = getattr(loss_tasks, "analytic", None)
+    if analytic is None or ph:
+        return None
+    return analytic if analytic.applies(u, x, y) else None
+
+
 def grad_tasks(loss_tasks: Callable, names: list[str], u: dict, ph: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
     """``(losses [tasks], {name: gradient [tasks, *shape]})`` at the stacked state ``u`` (no graph kept)."""
+    analytic = _analytic(loss_tasks, u, ph, x, y)
+    if analytic is not None:
+        return analytic.grad(u, x, y)
     loss, g = support_grad(loss_tasks, names, [u[n].detach().requires_grad_() for n in names], ph, x, y, False)
     return loss.detach(), dict(zip(names, g))
 
@@ -85,6 +99,10 @@ def linearized(loss_tasks: Callable, names: list[str], u: dict, phi_tasks: dict,
     """``(pull, losses)`` at the stacked state ``u``: ``pull(v, last=False) -> (H v, (d_phi grad_u L)^T v)``
     per task, from one autograd graph of the stacked gradient that every pull reuses (``last``
     frees it)."""
+    analytic = _analytic(loss_tasks, u, phi_tasks, x, y)
+    if analytic is not None:
+        hvp, loss = analytic.linearize(u, x, y)
+        return (lambda v, last=False: (hvp(v), {})), loss
     leaves = [u[n].detach().requires_grad_() for n in names] + \
              [phi_tasks[n].detach().requires_grad_() for n in phi_tasks]
     loss, g = support_grad(loss_tasks, names, leaves[:len(names)], dict(zip(phi_tasks, leaves[len(names):])), x, y,

@@ -24,14 +24,9 @@ def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks or module._buffers)
 
 
-def stacked_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
-    """``f(params, x)``: ``model`` applied per task, or ``None`` where that is not known to be exact.
-
-    ``params`` maps every parameter name of ``model`` to the task-stacked tensor ``[tasks, *shape]``
-    and ``x`` is ``[tasks, *batch, in]``; the result is ``[tasks, *batch, out]``, equal to
-    ``vmap(lambda p, x: functional_call(model, p, (x,)))(params, x)`` (up to floating-point
-    rounding of the batched products).
-    """
+def plain_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The ``(name, module)`` children of ``model`` if it is a plain MLP (see :func:`stacked_forward`),
+    else ``None``."""
     if type(model).forward is not nn.Sequential.forward or not isinstance(model, nn.Sequential) or not _plain(model):
         return None
     layers: list[tuple[str, nn.Module]] = []
@@ -44,19 +39,34 @@ def stacked_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Tensor]
         elif type(child) not in _ELEMENTWISE or any(True for _ in child.parameters()):
             return None
         layers.append((name, child))
-    if not layers:
+    return layers or None
+
+
+def linear(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``h [tasks, n, in] @ w[tasks, out, in]^T + b [tasks, out]`` by batched products."""
+    wt = w.transpose(1, 2)
+    return torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
+
+
+def stacked_forward(model: nn.Module) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
+    """``f(params, x)``: ``model`` applied per task, or ``None`` where that is not known to be exact.
+
+    ``params`` maps every parameter name of ``model`` to the task-stacked tensor ``[tasks, *shape]``
+    and ``x`` is ``[tasks, *batch, in]``; the result is ``[tasks, *batch, out]``, equal to
+    ``vmap(lambda p, x: functional_call(model, p, (x,)))(params, x)`` (up to floating-point
+    rounding of the batched products).
+    """
+    layers = plain_layers(model)
+    if layers is None:
         return None
 
     def forward(params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         h = x
         for name, child in layers:
             if type(child) is nn.Linear:
-                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 shape = h.shape
-                flat = h.reshape(shape[0], -1, shape[-1])
-                wt = w.transpose(1, 2)
-                flat = torch.bmm(flat, wt) if b is None else torch.baddbmm(b.unsqueeze(1), flat, wt)
-                h = flat.reshape(*shape[:-1], w.shape[1])
+                flat = linear(h.reshape(shape[0], -1, shape[-1]), params[f"{name}.weight"], params.get(f"{name}.bias"))
+                h = flat.reshape(*shape[:-1], flat.shape[-1])
             else:
                 h = child(h)
         return h
