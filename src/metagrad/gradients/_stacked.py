@@ -7,7 +7,9 @@ per-task losses with plain autograd: task ``i``'s loss depends only on slice ``i
 gradient of the sum holds every task's own gradient, and a pullback of that gradient is every
 task's Hessian-vector product. One autograd graph per state is cheaper than ``vmap`` of
 ``torch.func`` transforms on small nets; plain MLPs skip the ``vmap`` of the forward as well
-(:func:`metagrad.models._stacked.stacked_forward`).
+(:func:`metagrad.models._stacked.stacked_forward`), and those with a mean-square loss and the
+activations of :mod:`._analytic` skip autograd: :func:`grad_tasks` and :func:`linearized` run the
+hand-written backward pass and R-operator there.
 """
 from __future__ import annotations
 

@@ -57,7 +57,10 @@ class Adjoint(MetaGradient):
     costs about 30% less than ``vmap`` of ``torch.func`` transforms. For a plain MLP (an
     ``nn.Sequential`` of ``nn.Linear`` and elementwise activations) the stacked support loss runs
     as batched matrix products over the tasks instead of a ``vmap`` of ``functional_call``: the
-    same function, with less per-operator overhead.
+    same function, with less per-operator overhead. Where that MLP's activations are tanh,
+    sigmoid, (leaky) ReLU or identity and the loss a mean square, the gradients and products are
+    the hand-written backward pass and its R-operator (:mod:`metagrad.gradients._analytic`) with
+    no autograd graph at all, equal to autograd's to rounding and about twice as fast.
 
     Parameters that do not adapt (``phi``: the ANIL body, ``adapt="head"``) get
     ``dJ/dphi = d_phi L_val(u(T)) - int_0^T (d_phi grad_u L_tr(u))^T lambda dt``, the mixed
