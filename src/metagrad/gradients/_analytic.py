@@ -26,30 +26,31 @@ from ..models._stacked import linear, plain_layers
 _LOSS_SCALE = {mse: 1.0, F.mse_loss: 1.0, half_mse: 0.5}
 
 
-def _tanh(h_in: Tensor, h_out: Tensor, module) -> tuple[Tensor, Tensor]:
+def _tanh(h_in: Tensor, h_out: Tensor, module, second: bool) -> tuple[Tensor, Tensor | None]:
     d1 = 1 - h_out.square()
-    return d1, -2 * h_out * d1
+    return d1, (-2 * h_out * d1 if second else None)
 
 
-def _sigmoid(h_in, h_out, module):
+def _sigmoid(h_in, h_out, module, second):
     d1 = h_out * (1 - h_out)
-    return d1, d1 * (1 - 2 * h_out)
+    return d1, (d1 * (1 - 2 * h_out) if second else None)
 
 
-def _relu(h_in, h_out, module):
+def _relu(h_in, h_out, module, second):
     return (h_in > 0).to(h_in.dtype), None
 
 
-def _leaky_relu(h_in, h_out, module):
+def _leaky_relu(h_in, h_out, module, second):
     return torch.where(h_in > 0, h_in.new_ones(()), h_in.new_full((), module.negative_slope)), None
 
 
-def _identity(h_in, h_out, module):
+def _identity(h_in, h_out, module, second):
     return None, None
 
 
 #: elementwise activations with their first and second derivatives ``(d1, d2)`` from the layer's
-#: input and output (``None``: 1 and 0 respectively), as autograd differentiates them
+#: input and output (``None``: 1 and 0 respectively; ``d2`` only if ``second``), as autograd
+#: differentiates them
 _ACTIVATIONS: dict[type, Callable] = {nn.Tanh: _tanh, nn.Sigmoid: _sigmoid, nn.ReLU: _relu,
                                       nn.LeakyReLU: _leaky_relu, nn.Identity: _identity}
 
@@ -70,7 +71,7 @@ class AnalyticMLP:
         """Whether ``params`` holds exactly the model's parameters and ``y`` the prediction's shape."""
         return set(params) == set(self.names) and tuple(y.shape) == (*x.shape[:-1], self.out_features)
 
-    def _forward(self, u: dict, x: Tensor, y: Tensor):
+    def _forward(self, u: dict, x: Tensor, y: Tensor, second: bool):
         tasks = x.shape[0]
         h = x.reshape(tasks, -1, x.shape[-1])
         ins, derivs = [], []
@@ -81,7 +82,7 @@ class AnalyticMLP:
                 derivs.append(None)
             else:
                 out = m(h)
-                derivs.append(_ACTIVATIONS[type(m)](h, out, m))
+                derivs.append(_ACTIVATIONS[type(m)](h, out, m, second))
                 h = out
         r = h - y.reshape(h.shape)
         loss = self.scale * r.square().flatten(1).mean(1)
@@ -107,7 +108,7 @@ class AnalyticMLP:
     def grad(self, u: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
         """``(losses [tasks], {name: gradient [tasks, *shape]})``."""
         with torch.no_grad():
-            ins, derivs, delta, loss = self._forward(u, x, y)
+            ins, derivs, delta, loss = self._forward(u, x, y, second=False)
             grads, _ = self._backward(u, ins, derivs, delta, keep=False)
         return loss, {n: grads[n] for n in u}
 
@@ -115,7 +116,7 @@ class AnalyticMLP:
         """``(hvp, losses [tasks])``: ``hvp(v) -> {name: H v}`` per task, ``H`` the support-loss
         Hessian at ``u``; the forward and backward passes at ``u`` are done once, here."""
         with torch.no_grad():
-            ins, derivs, delta, loss = self._forward(u, x, y)
+            ins, derivs, delta, loss = self._forward(u, x, y, second=True)
             _, deltas = self._backward(u, ins, derivs, delta, keep=True)
         coef = 2 * self.scale / delta[0].numel()
 
