@@ -68,12 +68,13 @@ class Adjoint(MetaGradient):
 
     ``backward="heun-pec"`` runs Heun in PEC mode: a step evaluates ``H(u_j)`` at the predicted
     ``lambda~_j`` only and the next step's predictor reuses that product instead of evaluating
-    ``H(u_j) lambda_j`` at the corrected value (PECE, the paper's), which costs the same again.
+    ``H(u_j) lambda_j`` at the corrected value (PECE, the paper's), which costs a second product.
     The difference ``H(u_j)(lambda_j - lambda~_j)`` is ``O(h^2)``, so the global error stays
     ``O(h^2)``: on the ``amaml-regression`` MLP (T = 2, h = 0.01) the relative error against a
     float64 reference is 8.8e-5 against 6.8e-5 for PECE. At T = 5 (K = 500, 100 shots, one CPU
-    thread) the meta-gradient takes 0.79 s against 1.10 s, where unrolled MAML over the same 500
-    SGD steps takes 0.58 s (``benchmarks/README.md``).
+    thread, with the hand-written MLP derivatives) the meta-gradient took 0.69-0.76 s against
+    0.88-0.95 s for PECE, where unrolled MAML over the same 500 SGD steps took 1.05-1.18 s
+    (``benchmarks/README.md``, a loaded machine).
 
     ``forward="euler"`` replaces the ODE solver by ``K`` explicit Euler steps
     ``u_{k+1} = u_k - h grad L_tr(u_k)``, i.e. MAML's inner loop with SGD at rate ``h``.
