@@ -122,20 +122,20 @@ meta-batch paths, the rest before them.
 
 One run of all four panels, the figure as the paper draws it (``results/amaml-regression-fig2``,
 2026-11-24): the default config, every variant a ``--variant`` run on one CPU thread, combined by
-``metagrad merge --ignore train.checkpoint_every``. The 100shot A-MAML variants are the runs of
-the tables above: their one-panel configs (``--set 'shots=[100]' ...``) merge into the
-four-panel run because :meth:`AmamlRegression.variant_config` compares only a variant's own
-function, shots, steps and method. The other 22 were trained again (this time CosMixture 50shot A-MAML took 26 min, Alpine's 38,
-against 1 h 45 min and 1 h 3 min above) with the current code, where
-the adjoint and iMAML take hand-written MLP derivatives (:mod:`metagrad.gradients._analytic`) and
-MAML the stacked paths. Where a variant's code path changed, 5,000 meta-iterations amplify the
-rounding difference into a different initialization: after 0 / 20 / 100 / 1,000 steps, Alpine
-100shot MAML 1.628 / 0.716 / 0.681 / 0.700 (0.915 / 0.704 / 0.670 / 0.691 above), Alpine 50shot
-A-MAML 1.016 / 0.705 / 0.683 / 0.725 (1.102 / 0.710 / 0.679 / 0.718) and iMAML 0.830 / 0.697 /
-0.694 / 0.741 (0.724 / 0.708 / 0.712 / 0.761); every other row is the same as above to the
-printed digits (CosMixture 50shot A-MAML: 0.773 at 0 steps against 0.774). The orderings at 1,000 steps are those above except
-Alpine: at 100 shots A-MAML (0.692) now passes MAML (0.700), behind Reptile and iMAML (0.689);
-at 50 shots iMAML (0.741) is second behind A-MAML and ahead of MAML (0.758).
+``metagrad merge --ignore train.checkpoint_every``. The 100shot A-MAML variants are the runs of the
+tables above: their one-panel configs (``--set 'shots=[100]' ...``) merge into the four-panel run
+because :meth:`AmamlRegression.variant_config` compares only a variant's own function, shots, steps
+and method. The other 22 were trained again (this time CosMixture 50shot A-MAML took 26 min,
+Alpine's 38, against 1 h 45 min and 1 h 3 min above) with the current code, where the adjoint and
+iMAML take hand-written MLP derivatives (:mod:`metagrad.gradients._analytic`) and MAML the stacked
+paths. Where a variant's code path changed, 5,000 meta-iterations amplify the rounding difference
+into a different initialization: after 0 / 20 / 100 / 1,000 steps, Alpine 100shot MAML 1.628 / 0.716
+/ 0.681 / 0.700 (0.915 / 0.704 / 0.670 / 0.691 above), Alpine 50shot A-MAML 1.016 / 0.705 / 0.683 /
+0.725 (1.102 / 0.710 / 0.679 / 0.718) and iMAML 0.830 / 0.697 / 0.694 / 0.741 (0.724 / 0.708 / 0.712
+/ 0.761); every other row is the same as above to the printed digits (CosMixture 50shot A-MAML:
+0.773 at 0 steps against 0.774). The orderings at 1,000 steps are those above except Alpine: at 100
+shots A-MAML (0.692) now passes MAML (0.700), behind Reptile and iMAML (0.689); at 50 shots iMAML
+(0.741) is second behind A-MAML and ahead of MAML (0.758).
 """
 from __future__ import annotations
 
