@@ -63,13 +63,14 @@ class AnalyticMLP:
     def __init__(self, layers: list[tuple[str, nn.Module]], scale: float):
         self.layers = layers
         self.scale = scale
-        self.names = [f"{name}.{p}" for name, m in layers if type(m) is nn.Linear for p, _ in m.named_parameters()]
+        self.names = frozenset(f"{name}.{p}" for name, m in layers if type(m) is nn.Linear
+                               for p, _ in m.named_parameters())
         self.first = next(i for i, (_, m) in enumerate(layers) if type(m) is nn.Linear)
         self.out_features = next(m.out_features for _, m in reversed(layers) if type(m) is nn.Linear)
 
     def applies(self, params: dict, x: Tensor, y: Tensor) -> bool:
         """Whether ``params`` holds exactly the model's parameters and ``y`` the prediction's shape."""
-        return set(params) == set(self.names) and tuple(y.shape) == (*x.shape[:-1], self.out_features)
+        return params.keys() == self.names and tuple(y.shape) == (*x.shape[:-1], self.out_features)
 
     def _forward(self, u: dict, x: Tensor, y: Tensor, second: bool):
         tasks = x.shape[0]
@@ -86,7 +87,8 @@ class AnalyticMLP:
                 h = out
         r = h - y.reshape(h.shape)
         loss = self.scale * r.square().flatten(1).mean(1)
-        return ins, derivs, r * (2 * self.scale / r[0].numel()), loss
+        coef = 2 * self.scale / r[0].numel()  # d loss / d prediction = coef * r
+        return ins, derivs, coef, r * coef, loss
 
     def _backward(self, u: dict, ins, derivs, delta: Tensor, keep: bool):
         """Gradients from the output error ``delta``; with ``keep`` also each layer's output error."""
@@ -108,7 +110,7 @@ class AnalyticMLP:
     def grad(self, u: dict, x: Tensor, y: Tensor) -> tuple[Tensor, dict]:
         """``(losses [tasks], {name: gradient [tasks, *shape]})``."""
         with torch.no_grad():
-            ins, derivs, delta, loss = self._forward(u, x, y, second=False)
+            ins, derivs, _, delta, loss = self._forward(u, x, y, second=False)
             grads, _ = self._backward(u, ins, derivs, delta, keep=False)
         return loss, {n: grads[n] for n in u}
 
@@ -116,9 +118,8 @@ class AnalyticMLP:
         """``(hvp, losses [tasks])``: ``hvp(v) -> {name: H v}`` per task, ``H`` the support-loss
         Hessian at ``u``; the forward and backward passes at ``u`` are done once, here."""
         with torch.no_grad():
-            ins, derivs, delta, loss = self._forward(u, x, y, second=True)
+            ins, derivs, coef, delta, loss = self._forward(u, x, y, second=True)
             _, deltas = self._backward(u, ins, derivs, delta, keep=True)
-        coef = 2 * self.scale / delta[0].numel()
 
         @torch.no_grad()
         def hvp(v: dict) -> dict:
