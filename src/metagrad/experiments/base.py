@@ -180,10 +180,11 @@ def _without(config: dict, keys) -> dict:
     """A copy of ``config`` without ``keys`` (dotted keys name nested entries, ``train.seed``)."""
     config = copy.deepcopy(config)
     for key in keys:
-        *path, last = key.split(".")
-        node = config
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
+        parent, _, last = key.rpartition(".")
+        try:
+            node = _dotted(config, parent) if parent else config
+        except (KeyError, TypeError):
+            continue  # no such entry: nothing to leave out
         if isinstance(node, dict):
             node.pop(last, None)
     return config
