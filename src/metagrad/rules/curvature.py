@@ -72,5 +72,5 @@ class MetaCurvature(UpdateRule):
         u = torch.einsum("ab,bcd,ce,df->aef", m_out, g3, m_in, state[f"{name}.m_f"])
         return u.reshape(g.shape)
 
-    def step(self, params: Params, grads: Params, state: Params):
-        return {n: p - self.lr * self.precondition(n, grads[n], state) for n, p in params.items()}, state
+    def step(self, params: Params, grads: Params, state: Params, inner: Params):
+        return {n: p - self.lr * self.precondition(n, grads[n], state) for n, p in params.items()}, inner

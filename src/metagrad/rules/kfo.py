@@ -120,8 +120,8 @@ class MetaKFO(UpdateRule):
             h = act(layer(j, h))
         return (layer(0, x) + layer(last, h)).reshape(g.shape)
 
-    def step(self, params: Params, grads: Params, state: Params):
-        return {n: p - self.lr * self.transform(n, grads[n], state) for n, p in params.items()}, state
+    def step(self, params: Params, grads: Params, state: Params, inner: Params):
+        return {n: p - self.lr * self.transform(n, grads[n], state) for n, p in params.items()}, inner
 
     def state_step(self, state: Params, state_grads: Params) -> dict[str, Tensor]:
         return {k: s - self.state_lr * state_grads[k] for k, s in state.items()}
