@@ -8,8 +8,9 @@ from torch import nn
 
 from metagrad import MetaLearner, Schedule
 from metagrad.gradients import Adjoint, Implicit
-from metagrad.gradients import _stacked
-from metagrad.gradients._analytic import analytic_mlp
+from metagrad.backend import MLPBackend, _Analytic, make_backend
+
+analytic_mlp = _Analytic.build
 from metagrad.metrics import half_mse, mse
 from metagrad.tasks import TaskBatch
 
@@ -43,11 +44,6 @@ def _autograd(model, loss_fn, u, x, y, v):
     return out
 
 
-class _Learner:
-    def __init__(self, model, loss_fn):
-        self.model, self.loss_fn = model, loss_fn
-
-
 @pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid, nn.ReLU, lambda: nn.LeakyReLU(0.2), nn.Identity])
 @pytest.mark.parametrize("loss_fn", [mse, half_mse, F.mse_loss])
 @pytest.mark.parametrize("bias", [True, False])
@@ -70,13 +66,11 @@ def test_gradient_and_hvp_match_autograd(act, loss_fn, bias):
             torch.testing.assert_close(g[n][i], ref_g[n], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(hv[n][i], ref_hv[n], rtol=1e-10, atol=1e-12)
     # and the stacked helpers the meta-gradients call take this path and agree with their autograd one
-    learner = _Learner(model, loss_fn)
     names = list(u)
-    loss_tasks = _stacked.task_losses(learner, {})
-    assert loss_tasks.analytic is not None
-    pull, _ = _stacked.linearized(loss_tasks, names, u, {}, x, y)
-    loss_tasks.analytic = None
-    pull_ref, _ = _stacked.linearized(loss_tasks, names, u, {}, x, y)
+    backend = make_backend(model, loss_fn)
+    assert backend.name == "mlp-analytic"
+    pull, _ = backend.linearize(u, {}, x, y)
+    pull_ref, _ = MLPBackend(model, loss_fn, analytic=False).linearize(u, {}, x, y)
     for n in names:
         torch.testing.assert_close(pull(v)[0][n], pull_ref(v)[0][n], rtol=1e-10, atol=1e-12)
 
@@ -103,14 +97,14 @@ def test_meta_gradients_agree_with_and_without_the_hand_written_path(meta_gradie
     y = torch.sin(3 * x[..., :1]) + x[..., 1:]
     batch = TaskBatch(x[:, :6], y[:, :6], x[:, 6:], y[:, 6:])
 
-    def meta_grad():
-        learner = MetaLearner(model, mse, lr=0.01, meta_gradient=meta_gradient, schedule=Schedule(20), vectorize=True)
+    def meta_grad(backend):
+        learner = MetaLearner(model, mse, lr=0.01, meta_gradient=meta_gradient, schedule=Schedule(20), vectorize=True,
+                              backend=backend)
         grads, stats = learner.meta_gradient_of(batch)
         return grads, stats["inner_loss"]
 
-    fast, fast_inner = meta_grad()
-    monkeypatch.setattr(_stacked, "analytic_mlp", lambda model, loss_fn: None)
-    ref, ref_inner = meta_grad()
+    fast, fast_inner = meta_grad("mlp-analytic")
+    ref, ref_inner = meta_grad("mlp")
     torch.testing.assert_close(fast_inner, ref_inner, rtol=1e-12, atol=1e-14)
     for n in ref["model"]:
         torch.testing.assert_close(fast["model"][n], ref["model"][n], rtol=1e-9, atol=1e-12)

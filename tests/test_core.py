@@ -370,7 +370,7 @@ def test_sgd_rule_matches_torch_optim_sgd():
     params = {"a": torch.randn(3, 2, dtype=DT), "b": torch.randn(4, dtype=DT)}
     grads = {"a": torch.randn(3, 2, dtype=DT), "b": torch.randn(4, dtype=DT)}
     rule = SGD(0.37)
-    new, state = rule.step(params, grads, rule.init(params))
+    new, state = rule.step(params, grads, rule.init(params), rule.init_inner(params))
     assert state == {}
     leaves = [nn.Parameter(params[n].clone()) for n in ("a", "b")]
     opt = torch.optim.SGD(leaves, lr=0.37)
@@ -627,13 +627,17 @@ def test_vmap_matches_loop_through_batchnorm_second_order():
 @pytest.mark.parametrize("mgrad", METAGRADS)
 @pytest.mark.parametrize("adapt", list(ADAPT))
 def test_stacked_plain_sgd_path_is_taken_and_equals_the_per_task_loop(monkeypatch, mgrad, adapt, per_step):
-    # fixed-rate SGD on a plain MLP, vectorized: the meta-batch runs stacked (gradients._stacked)
-    import metagrad.gradients._stacked as stacked
+    # an elementwise rule on a plain MLP, vectorized: the meta-batch runs stacked (InnerProblem.stacked)
+    import metagrad.gradients.reptile as reptile_module
+    import metagrad.gradients.unrolled as unrolled_module
 
     calls = []
-    real = stacked.sgd_inner_loop
-    monkeypatch.setattr(stacked, "sgd_inner_loop", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = unrolled_module._stacked_gradient
+    spy = lambda *a, **k: calls.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(unrolled_module, "_stacked_gradient", spy)
+    monkeypatch.setattr(reptile_module, "_stacked_gradient", spy)
     learner = make_learner(mgrad, "sgd", adapt, per_step=per_step)
+    assert learner.backend.name == "mlp-analytic" and learner.problem.stacked
     batch = make_batch(tasks=3)
     gv, sv = learner.meta_gradient_of(batch, vectorize=True)
     assert calls == [1]
@@ -644,6 +648,17 @@ def test_stacked_plain_sgd_path_is_taken_and_equals_the_per_task_loop(monkeypatc
     assert max(g.abs().max() for g in gl["model"].values()) > 1e-3
     for k in ("meta_objective", "query_loss", "inner_loss"):
         torch.testing.assert_close(sv[k], sl[k], rtol=0, atol=1e-12)
-    # a learnable rate, or a phase, keeps the per-task path
-    make_learner(mgrad, "sgd-learnable", adapt).meta_gradient_of(batch, vectorize=True)
-    assert calls == [1]
+    # a learnable rate is elementwise too: stacked, and equal to the loop, its own gradient included
+    learnable = make_learner(mgrad, "sgd-learnable", adapt, per_step=per_step)
+    gv, _ = learnable.meta_gradient_of(batch, vectorize=True)
+    assert calls == [1, 1]
+    gl, _ = learnable.meta_gradient_of(batch, vectorize=False)
+    for group in gl:
+        for n in gl[group]:
+            torch.testing.assert_close(gv[group][n], gl[group][n], rtol=0, atol=1e-12)
+    # a rule that is not elementwise keeps the per-task path
+    curv = MetaLearner(make_model(), mse, adapt=adapt, rule=mg.MetaCurvature(ALPHA), meta_gradient=mgrad,
+                       schedule=Schedule(STEPS))
+    assert not curv.problem.stacked
+    curv.meta_gradient_of(batch, vectorize=True)
+    assert calls == [1, 1]

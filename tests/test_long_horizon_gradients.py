@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import metagrad as mg
+import metagrad.models  # noqa: F401  (mg.models below)
 from metagrad import MetaLearner, Schedule, TaskBatch
 from metagrad.metrics import mse
 
@@ -297,7 +298,7 @@ def test_adjoint_euler_discrete_equals_unrolled(adapt, vectorize, segments, reco
 def test_stacked_forward_equals_vmap_of_functional_call():
     from torch.func import functional_call, vmap
 
-    from metagrad.models._stacked import stacked_forward
+    from metagrad.backend import stacked_forward
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4, bias=False), nn.GELU(), nn.Identity(),
@@ -318,7 +319,7 @@ def test_batched_task_losses_equal_vmap_of_the_loss():
     import torch.nn.functional as F
     from torch.func import vmap
 
-    from metagrad.gradients._stacked import _per_task_loss
+    from metagrad.backend import per_task_loss as _per_task_loss
     from metagrad.metrics import half_mse
 
     torch.manual_seed(0)
@@ -337,7 +338,7 @@ def test_batched_task_losses_equal_vmap_of_the_loss():
 
 
 def test_stacked_forward_refuses_what_it_cannot_reproduce():
-    from metagrad.models._stacked import stacked_forward
+    from metagrad.backend import stacked_forward
 
     class Twice(nn.Sequential):
         def forward(self, x):
@@ -355,18 +356,17 @@ def test_stacked_forward_refuses_what_it_cannot_reproduce():
 @pytest.mark.parametrize("backward", ["heun", "heun-pec", "discrete"])
 @pytest.mark.parametrize("adapt", ["all", "head"])
 def test_adjoint_batched_mlp_path_equals_the_vmap_path(monkeypatch, adapt, backward):
-    # plain MLPs take batched products (models._stacked); the vmap path of any other model is the reference
-    import metagrad.gradients._stacked as stacked_module
-
+    # plain MLPs take batched products (the "mlp" backends); the vmap path of any other model is the reference
     b = mlp_batch(tasks=4)
 
-    def meta_grad():
-        learner = MetaLearner(mlp(), mse, adapt=adapt, meta_gradient=mg.Adjoint(T=0.8, h=0.05, backward=backward))
+    def meta_grad(backend):
+        learner = MetaLearner(mlp(), mse, adapt=adapt, meta_gradient=mg.Adjoint(T=0.8, h=0.05, backward=backward),
+                              backend=backend)
+        assert learner.backend.name == backend
         return learner.meta_gradient_of(b)
 
-    fast, s_fast = meta_grad()
-    monkeypatch.setattr(stacked_module, "stacked_forward", lambda model: None)
-    ref, s_ref = meta_grad()
+    fast, s_fast = meta_grad("mlp")
+    ref, s_ref = meta_grad("generic")
     assert max_diff(fast, ref) < 1e-10 and flat(ref).abs().max() > 1e-3
     assert torch.allclose(s_fast["inner_loss"], s_ref["inner_loss"], rtol=0, atol=1e-12)
 

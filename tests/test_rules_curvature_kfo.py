@@ -208,7 +208,7 @@ def test_meta_curvature_equals_dense_kronecker_preconditioner():
     rule = MetaCurvature(0.7)
     s = random_factors(rule, params)
     assert s["conv.weight.m_f"].shape == (6, 6) and s["conv1d.weight.m_f"].shape == (4, 4)
-    new, _ = rule.step(params, grads, s)
+    new, _ = rule.step(params, grads, s, {})
     for n, p in params.items():
         torch.testing.assert_close(p - new[n], hand_mc_update(rule, n, grads[n], s), rtol=0, atol=1e-12)
     # the documented 2-D convention, spelled out: update = lr * M_out @ G @ M_in
@@ -234,7 +234,7 @@ def test_meta_kfo_equals_dense_kronecker_network(variant):
     rule = VARIANTS[variant]()
     s = random_factors(rule, params)
     assert s["conv.L1"].shape == (2, 2) and s["conv.R1"].shape == (12, 12) and s["b.R1"].shape == (1, 1)
-    new, _ = rule.step(params, grads, s)
+    new, _ = rule.step(params, grads, s, {})
     for n, p in params.items():
         torch.testing.assert_close(p - new[n], hand_kfo_update(rule, n, grads[n], s), rtol=0, atol=1e-12)
     # one layer is W = R^T ⊗ L on vec(G), i.e. L @ G @ R

@@ -19,18 +19,19 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vjp, vmap
+from torch.func import functional_call
 
+from .backend import Backend, make_backend
 from .gradients import MetaGradient, make_meta_gradient
+from .gradients.base import map_tasks
+from .inner import InnerProblem, InnerState, inner_loop
 from .learners import select_adapted
-from .learners.select import AdaptSpec, match_names
+from .learners.select import AdaptSpec
 from .rules import UpdateRule, make_rule
 from .schedule import Schedule
 from .tasks import TaskBatch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-_TASK_DIMS = (None, 0, 0, 0, 0)  # meta_params shared, one task per slice of the batch
 
 
 class _StateTree(nn.Module):
@@ -69,8 +70,12 @@ class MetaLearner(nn.Module):
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` reported by
             :meth:`evaluate` (e.g. :func:`metagrad.metrics.accuracy`).
         vectorize: run a meta-batch under ``torch.func.vmap`` (default) or a per-task loop.
+        backend: how a stacked meta-batch is evaluated (:func:`metagrad.backend.make_backend`):
+            ``"auto"`` (default: the fastest that applies), ``"generic"``, ``"mlp"`` or
+            ``"mlp-analytic"``; the one picked is ``learner.backend`` (``.name``).
 
-    The learnable state of the rule is registered as parameters under ``rule_state``, so
+    :attr:`problem` is the inner problem (:class:`~metagrad.InnerProblem`) that every method,
+    :meth:`evaluate`, :meth:`adapt` and :meth:`clone` run. The learnable state of the rule is registered as parameters under ``rule_state``, so
     ``torch.optim.Adam(learner.parameters())`` meta-trains both the initialization and the rule.
     """
 
@@ -86,6 +91,7 @@ class MetaLearner(nn.Module):
         schedule: Schedule | None = None,
         metric_fn: LossFn | None = None,
         vectorize: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -106,31 +112,17 @@ class MetaLearner(nn.Module):
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         self.vectorize = bool(vectorize)
+        self.backend: Backend = make_backend(model, loss_fn, backend)
         params = dict(model.named_parameters())
         init = self.rule.init({n: params[n].detach() for n in self.adapted_names})
         self.rule_state = _StateTree(init)
-        self._check_phases()
+        self.meta_gradient.check(self.problem)
 
-    def _check_phases(self) -> None:
-        """Resolve the schedule's phases to tensor names (``self.phase_names``); validate them."""
-        phases = self.schedule.phases
-        self.phase_names = tuple(_select_phase(self.model, ph.adapt) for ph in phases)
-        if not phases:
-            return
-        if getattr(self.meta_gradient, "phases", None) not in ("inline", "wrapped"):
-            raise ValueError(
-                f"a phased schedule needs a meta-gradient that runs phases (unrolled, first-order, checkpointed, "
-                f"implicit, adjoint); {type(self.meta_gradient).__name__} does not support phases"
-            )
-        for ph, names in zip(phases, self.phase_names):
-            if ph.lr is None:
-                if self.rule.adapts_state:
-                    raise ValueError(f"a Phase without lr uses the learner's rule, and {type(self.rule).__name__} "
-                                     f"adapts its own state, which phases do not support; give the phase an lr")
-                outside = [n for n in names if n not in self.adapted_names]
-                if outside:
-                    raise ValueError(f"a Phase without lr uses the learner's rule, which has state only for the "
-                                     f"adapted parameters; {outside} are not adapted: give the phase an lr")
+    @property
+    def problem(self) -> InnerProblem:
+        """The inner problem of the current model, loss, adapted names, rule, schedule and backend
+        (built on each access, so a replaced schedule or rule is seen; validates phases)."""
+        return InnerProblem(self.model, self.loss_fn, self.adapted_names, self.rule, self.schedule, self.backend)
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> dict[str, dict[str, Tensor]]:
@@ -143,127 +135,9 @@ class MetaLearner(nn.Module):
     def _detached_meta_parameters(self):
         return {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta_parameters().items()}
 
-    def _split(self, meta_params):
-        """(adapted, fixed) parameter dicts; ``fixed`` includes the model's buffers."""
-        model_p = meta_params["model"]
-        adapted = {n: model_p[n] for n in self.adapted_names}
-        fixed = {n: v for n, v in model_p.items() if n not in adapted}
-        fixed.update(self.model.named_buffers())
-        return adapted, fixed
-
     def functional_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """``model(x)`` evaluated with ``params`` (any subset; the rest come from the model)."""
         return functional_call(self.model, dict(params), (x,))
-
-    # ------------------------------------------------------------------ pure core
-    def _run_phases(self, adapted, fixed, state, x, y, *, first_order: bool, training: bool):
-        """The schedule's phases (before the main steps). Returns (adapted, carried, losses):
-        ``carried`` holds the phase-adapted tensors that the main steps do not adapt."""
-        full = {**fixed, **adapted}
-        losses = []
-        touched: set[str] = set()
-        for phase, names in zip(self.schedule.phases, self.phase_names):
-            steps = phase.steps if training else phase.eval_steps
-
-            def phase_loss(ph):
-                return self.loss_fn(functional_call(self.model, {**full, **ph}, (x,)), y)
-
-            ph = {n: full[n] for n in names}
-            for _ in range(steps):
-                grads, loss = grad_and_value(phase_loss)(ph)
-                if first_order:
-                    grads = {n: g.detach() for n, g in grads.items()}
-                if phase.lr is not None:
-                    ph = {n: p - phase.lr * grads[n] for n, p in ph.items()}
-                else:
-                    ph, _ = self.rule.step(ph, grads, state)
-                losses.append(loss.detach())
-            full.update(ph)
-            touched.update(names)
-        adapted = {n: full[n] for n in adapted}
-        carried = {n: full[n] for n in touched if n not in adapted}
-        return adapted, carried, losses
-
-    def _inner_loop(self, meta_params, x, y, steps: int, *, first_order: bool, keep_trajectory: bool = False,
-                    training: bool = True):
-        """Adapt one task. Returns (trajectory of adapted dicts, support loss before each step [steps]).
-
-        Without ``keep_trajectory`` the trajectory holds only the initial and the final dict.
-        With a phased schedule the phases run first (their step counts: train or test ones per
-        ``training``); the support losses of their steps lead the returned losses, the trajectory
-        starts after them, and its dicts also hold the phase-adapted tensors that the main steps
-        do not adapt (e.g. Wormhole's C).
-        """
-        adapted, fixed = self._split(meta_params)
-        state = meta_params["rule"]
-        losses = []
-        carried = {}
-        if self.schedule.phases:
-            adapted, carried, losses = self._run_phases(adapted, fixed, state, x, y, first_order=first_order,
-                                                        training=training)
-            fixed = {**fixed, **carried}
-
-        def support_loss(ad):
-            return self.loss_fn(functional_call(self.model, {**fixed, **ad}, (x,)), y)
-
-        trajectory = [{**carried, **adapted}] if carried else [adapted]
-        adapts_state = self.rule.adapts_state
-        state_vjp = None  # pullback of the last step with respect to the state that made it
-        for _ in range(steps):
-            grads, loss = grad_and_value(support_loss)(adapted)
-            if first_order:
-                grads = {n: g.detach() for n, g in grads.items()}
-            if not adapts_state:
-                adapted, state = self.rule.step(adapted, grads, state)
-            else:
-                # Algorithm 1 (suppl. C): xi_{t+1} = xi_t - a d l(theta_t)/d xi_t, where theta_t
-                # depends on xi_t only through theta_t = step(theta_{t-1}, g_{t-1}, xi_t): the
-                # state gradient is the vjp of that step with grad l(theta_t) (zero at t = 0).
-                if state_vjp is not None:
-                    (state_grads,) = state_vjp(grads)
-                    if first_order:
-                        state_grads = {k: v.detach() for k, v in state_grads.items()}
-                    state = self.rule.state_step(state, state_grads)
-                prev, prev_grads = adapted, grads
-                adapted, state_vjp = vjp(lambda st: self.rule.step(prev, prev_grads, st)[0], state)
-            losses.append(loss.detach())
-            if keep_trajectory:
-                trajectory.append({**carried, **adapted} if carried else adapted)
-        if not keep_trajectory and steps:
-            trajectory.append({**carried, **adapted} if carried else adapted)
-        inner = torch.stack(losses) if losses else x.new_zeros(0)
-        return trajectory, inner
-
-    def _query_loss(self, meta_params, adapted, qx, qy) -> Tensor:
-        _, fixed = self._split(meta_params)
-        return self.loss_fn(functional_call(self.model, {**fixed, **adapted}, (qx,)), qy)
-
-    def _map_tasks(self, fn, meta_params, batch: TaskBatch, vectorize: bool):
-        """Apply ``fn(meta_params, sx, sy, qx, qy)`` to every task; outputs stacked on dim 0."""
-        if vectorize:
-            return vmap(fn, in_dims=_TASK_DIMS)(meta_params, *batch)
-        outs = [fn(meta_params, *(t[i] for t in batch)) for i in range(batch.num_tasks)]
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
-
-    def _mean_task_gradients(self, fn, meta_params, batch: TaskBatch, vectorize: bool):
-        """``fn(meta_params, sx, sy, qx, qy) -> (grads, rest)`` for every task; returns ``grads``
-        averaged over the tasks and ``rest`` stacked on dim 0.
-
-        The per-task loop sums the gradients as it goes rather than stacking them: a rule whose
-        state is large (Meta-KFO's ``[n, n]`` factors of a wide head) would otherwise copy a
-        ``[tasks, n, n]`` stack per factor only to average it.
-        """
-        tree_map = torch.utils._pytree.tree_map
-        if vectorize:
-            grads, rest = self._map_tasks(fn, meta_params, batch, True)
-            return tree_map(lambda g: g.mean(0), grads), rest
-        total, rests = None, []
-        for i in range(batch.num_tasks):
-            grads, rest = fn(meta_params, *(t[i] for t in batch))
-            total = tree_map(torch.clone, grads) if total is None else tree_map(torch.Tensor.add_, total, grads)
-            rests.append(rest)
-        n = batch.num_tasks
-        return tree_map(lambda g: g.div_(n), total), tree_map(lambda *xs: torch.stack(xs), *rests)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
@@ -274,12 +148,10 @@ class MetaLearner(nn.Module):
         """
         batch = TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]).validate()
         steps = self.schedule.eval_steps if steps is None else steps
-        meta_params = self.meta_parameters()
-        traj, inner = self._inner_loop(meta_params, batch.support_x[0], batch.support_y[0], steps, first_order=False,
-                                       training=False)
-        _check_finite(inner[None], "inner")
-        _, fixed = self._split(meta_params)
-        return {**fixed, **traj[-1]}
+        result = inner_loop(self.problem, self.meta_parameters(), batch.support_x[0], batch.support_y[0], steps=steps,
+                            training=False)
+        _check_finite(result.losses[None], "inner")
+        return result.params()
 
     def meta_gradient_of(self, batch: TaskBatch, *, vectorize: bool | None = None):
         """The meta-gradient averaged over the tasks of ``batch``.
@@ -291,9 +163,8 @@ class MetaLearner(nn.Module):
         """
         batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
-        self._check_phases()  # the schedule or the meta-gradient may have been replaced
         meta_params = self._detached_meta_parameters()
-        grads, objective, aux = self.meta_gradient.gradient(self, meta_params, batch, vectorize)
+        grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, batch, vectorize)
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():
@@ -326,17 +197,18 @@ class MetaLearner(nn.Module):
         steps = self.schedule.eval_steps if steps is None else steps
         vectorize = self.vectorize if vectorize is None else vectorize
 
+        problem = self.problem
+
         def task_eval(meta_params, sx, sy, qx, qy):
-            traj, inner = self._inner_loop(meta_params, sx, sy, steps, first_order=True, keep_trajectory=True,
-                                           training=False)
-            _, fixed = self._split(meta_params)
-            preds = [functional_call(self.model, {**fixed, **u}, (qx,)) for u in traj]
-            out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": inner[:1]}
+            result = inner_loop(problem, meta_params, sx, sy, steps=steps, first_order=True, keep_trajectory=True,
+                                training=False)
+            preds = [problem.forward(result.params(k), qx) for k in range(len(result.trajectory))]
+            out = {"loss": torch.stack([self.loss_fn(p, qy) for p in preds]), "inner_loss": result.losses[:1]}
             if self.metric_fn is not None:
                 out["metric"] = torch.stack([self.metric_fn(p, qy) for p in preds])
             return out
 
-        out = self._map_tasks(task_eval, self._detached_meta_parameters(), batch, vectorize)
+        out = map_tasks(task_eval, self._detached_meta_parameters(), batch, vectorize)
         _check_finite(out.pop("inner_loss"), "inner")
         return out
 
@@ -351,14 +223,20 @@ class MetaLearner(nn.Module):
 
 
 class TaskModel:
-    """A task-specific copy made by :meth:`MetaLearner.clone` (learn2learn-shaped object API)."""
+    """A task-specific copy made by :meth:`MetaLearner.clone` (learn2learn-shaped object API).
+
+    Each :meth:`adapt` takes the gradient of the given loss with autograd and makes the step with
+    :meth:`InnerProblem.update`, the engine's step.
+    """
 
     def __init__(self, learner: MetaLearner):
         self._learner = learner
+        self._problem = learner.problem
         meta_params = learner.meta_parameters()
         self.params = dict(meta_params["model"])
         self.params.update(learner.model.named_buffers())
         self.state = meta_params["rule"]
+        self._inner: dict[int | None, dict] = {}  # the rule's inner state per phase (None: the main steps)
         self.steps_taken = 0
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -373,22 +251,33 @@ class TaskModel:
         Wormhole, ``c_steps`` calls with ``phase=0`` and then ``train_steps`` plain calls are
         Algorithm 1, with the same meta-gradient as the functional engine.
         """
-        learner = self._learner
+        problem = self._problem
         if first_order is None:
-            first_order = learner.meta_gradient.first_order
+            first_order = self._learner.meta_gradient.first_order
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"non-finite inner loss {loss.item()} at step {self.steps_taken}")
-        if phase is not None:
-            return self._phase_step(loss, phase, first_order)
-        names = learner.adapted_names
-        if not learner.rule.adapts_state:
-            grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
-            grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
+        if phase is None:
+            names, rule = problem.adapted_names, problem.rule
+        else:
+            phases = problem.schedule.phases
+            if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < len(phases):
+                raise ValueError(f"phase must be an index into the schedule's {len(phases)} phase(s), got {phase!r}")
+            names, rule = problem.phase_names[phase], problem.phase_rules[phase]
+            for n in names:  # a buffer (task state, e.g. Wormhole's C) enters the graph as a fresh leaf
+                if not self.params[n].requires_grad:
+                    self.params[n] = self.params[n].detach().clone().requires_grad_()
+        current = {n: self.params[n] for n in names}
+        if phase not in self._inner:
+            self._inner[phase] = rule.init_inner(current)
+        state_grads = None
+        if not rule.adapts_state:
+            found = torch.autograd.grad(loss, list(current.values()), create_graph=not first_order)
+            grads = {n: (g.detach() if first_order else g) for n, g in zip(names, found)}
         else:
             # Algorithm 1: the state xi_t reaches the loss only through the last step, which this
             # copy recorded, so d loss / d xi_t is autograd's (None, i.e. zero, before any step).
             keys = list(self.state)
-            inputs = [self.params[n] for n in names] + [self.state[k] for k in keys]
+            inputs = list(current.values()) + [self.state[k] for k in keys]
             differentiable = [i for i, t in enumerate(inputs) if i < len(names) or t.requires_grad]
             # retain_graph: the state's path runs through the last step, which the query loss
             # still needs (a first-order adapt would otherwise free it)
@@ -399,34 +288,19 @@ class TaskModel:
                 if g is not None:
                     full[i] = g.detach() if first_order else g
             grads = dict(zip(names, full[: len(names)]))
-            self.state = learner.rule.state_step(self.state, dict(zip(keys, full[len(names):])))
-        new, self.state = learner.rule.step({n: self.params[n] for n in names}, grads, self.state)
-        self.params.update(new)
-        self.steps_taken += 1
-        return self
-
-    def _phase_step(self, loss: Tensor, phase: int, first_order: bool) -> "TaskModel":
-        learner = self._learner
-        phases = learner.schedule.phases
-        if isinstance(phase, bool) or not isinstance(phase, int) or not 0 <= phase < len(phases):
-            raise ValueError(f"phase must be an index into the schedule's {len(phases)} phase(s), got {phase!r}")
-        spec, names = phases[phase], learner.phase_names[phase]
-        for n in names:  # a buffer (task state, e.g. Wormhole's C) enters the graph as a fresh leaf
-            if not self.params[n].requires_grad:
-                self.params[n] = self.params[n].detach().clone().requires_grad_()
-        grads = torch.autograd.grad(loss, [self.params[n] for n in names], create_graph=not first_order)
-        grads = {n: (g.detach() if first_order else g) for n, g in zip(names, grads)}
-        current = {n: self.params[n] for n in names}
-        if spec.lr is not None:
-            new = {n: p - spec.lr * grads[n] for n, p in current.items()}
+            state_grads = dict(zip(keys, full[len(names):]))
+        s = InnerState(current, {}, self.state, self._inner[phase])
+        s = problem.update(s, grads, state_grads=state_grads, rule=rule)
+        self.params.update(s.adapted)
+        self._inner[phase] = s.inner
+        if phase is None:
+            self.state = s.rule
         else:
-            new, _ = learner.rule.step(current, grads, self.state)
-        self.params.update(new)
-        # the next steps take partial gradients (the engine's): the other tensors get fresh autograd
-        # nodes, so a gradient for them does not also count their path through this phase's result
-        for n, p in self.params.items():
-            if n not in names and p.requires_grad:
-                self.params[n] = p.view_as(p)
+            # the next steps take partial gradients (the engine's): the other tensors get fresh autograd
+            # nodes, so a gradient for them does not also count their path through this phase's result
+            for n, p in self.params.items():
+                if n not in names and p.requires_grad:
+                    self.params[n] = p.view_as(p)
         self.steps_taken += 1
         return self
 
@@ -452,9 +326,3 @@ def _check_finite(losses: Tensor, which: str) -> None:
             f"non-finite {which} loss {losses[task, step].item()} at step {step} of task {task} "
             f"(try a smaller inner learning rate)"
         )
-
-
-def _select_phase(model: nn.Module, adapt) -> tuple[str, ...]:
-    """Names of the parameters and buffers of ``model`` matched by a phase's patterns."""
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-    return match_names(names, adapt, what="phase pattern")

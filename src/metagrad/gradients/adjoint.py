@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from . import _stacked
-from ._stacked import bcast as _bcast
-from .base import MetaGradient
+from ..backend import bcast as _bcast
+from ..backend import stack
+from .base import MetaGradient, zero_rule_grads
 
 _tree_map = torch.utils._pytree.tree_map
 
@@ -146,6 +146,7 @@ class Adjoint(MetaGradient):
 
     first_order = False
     phases = "wrapped"
+    per_task = False
 
     def __init__(self, T: float | Tensor | Callable = 1.0, h: float = 0.01, *, solver: str = "dopri5",
                  rtol: float | None = None, atol: float | None = None, forward: str = "ode", backward: str = "heun",
@@ -207,25 +208,25 @@ class Adjoint(MetaGradient):
         return torch.full((n,), T, dtype=dtype)
 
     # ------------------------------------------------------------------ engine hook
-    def batch_gradient(self, learner, meta_params, batch, vectorize: bool):
-        from ..rules import SGD
-
-        rule = learner.rule
-        if type(rule) is not SGD or rule.learnable:
-            raise ValueError(
-                f"Adjoint integrates plain gradient flow and needs the rule SGD (not learnable); got {rule!r}"
-            )
-        if learner.schedule.per_step_loss:
+    def _require(self, problem) -> None:
+        """Raise ``ValueError`` for what this method cannot run (checked at every meta-gradient)."""
+        if problem.rule.gradient_descent_rate is None:
+            raise ValueError(f"Adjoint integrates plain gradient flow and needs a plain gradient-descent rule "
+                             f"(SGD, not learnable); got {problem.rule!r}")
+        if problem.schedule.per_step_loss:
             raise ValueError("Adjoint does not support Schedule(per_step_loss=True)")
+
+    def batch_gradient(self, problem, meta_params, batch, vectorize: bool):
+        self._require(problem)
         T = self.horizons(batch)
         K = max(1, round(float(T.max()) / self.h))
         if vectorize:
-            grads, objective, aux = self._solve(learner, meta_params, batch, T, K, list(range(batch.num_tasks)))
+            grads, objective, aux = self._solve(problem, meta_params, batch, T, K, list(range(batch.num_tasks)))
         else:
             outs = []
             for i in range(batch.num_tasks):
                 one = type(batch)(*(t[i:i + 1] for t in batch))
-                outs.append(self._solve(learner, meta_params, one, T[i:i + 1], K, [i]))
+                outs.append(self._solve(problem, meta_params, one, T[i:i + 1], K, [i]))
             n = batch.num_tasks
             grads = _tree_map(lambda *gs: sum(gs) / n, *(o[0] for o in outs))
             objective = sum(o[1] for o in outs) / n
@@ -233,12 +234,12 @@ class Adjoint(MetaGradient):
         return grads, objective, aux
 
     # ------------------------------------------------------------------ one stacked solve
-    def _solve(self, learner, meta_params, batch, T: Tensor, K: int, task_ids: list[int]):
-        names = learner.adapted_names
+    def _solve(self, problem, meta_params, batch, T: Tensor, K: int, task_ids: list[int]):
+        names = problem.adapted_names
         model_p = meta_params["model"]
         theta = {n: model_p[n].detach() for n in names}
         phi = {n: v.detach() for n, v in model_p.items() if n not in theta}
-        buffers = dict(learner.model.named_buffers())
+        buffers = {n: v for n, v in problem.model.named_buffers() if n not in phi}
         sx, sy, qx, qy = batch
         n_tasks = sx.shape[0]
         ref = next(iter(theta.values()))
@@ -262,13 +263,13 @@ class Adjoint(MetaGradient):
             return dict(zip(keys, torch._foreach_add([a[k] for k in keys], [b[k] for k in keys])))
 
         def loss_at(u, ph, x, y):
-            return learner.loss_fn(learner.functional_forward({**buffers, **ph, **u}, x), y)
+            return problem.loss(u, {**buffers, **ph}, x, y)
 
-        loss_tasks = _stacked.task_losses(learner, buffers)
-        phi_tasks = _stacked.stack(phi, n_tasks)
+        backend = problem.backend
+        phi_tasks = stack(phi, n_tasks)
 
         def linearized(u):
-            return _stacked.linearized(loss_tasks, names, u, phi_tasks, sx, sy)
+            return backend.linearize(u, phi_tasks, sx, sy)
 
         def step_back(u, v):
             pull, loss = linearized(u)
@@ -294,7 +295,7 @@ class Adjoint(MetaGradient):
 
         def grad_tasks(u: dict) -> dict:
             """The per-task support-loss gradients at the stacked state ``u`` (no graph kept)."""
-            return _stacked.grad_tasks(loss_tasks, names, u, phi_tasks, sx, sy)[1]
+            return backend.grad(u, phi_tasks, sx, sy)[1]
 
         def rhs_tasks(u: dict) -> dict:
             g = grad_tasks(u)
@@ -372,7 +373,7 @@ class Adjoint(MetaGradient):
             if n_tasks > 1:  # find a task that fails on its own
                 for i in range(n_tasks):
                     one = type(batch)(*(t[i:i + 1] for t in batch))
-                    self._solve(learner, meta_params, one, T[i:i + 1], K, [task_ids[i]])
+                    self._solve(problem, meta_params, one, T[i:i + 1], K, [task_ids[i]])
             time = e.time * float(scale[0])
             raise AdjointSolverError(
                 f"adjoint forward solve failed for task{'s' if n_tasks > 1 else ''} "
@@ -388,10 +389,7 @@ class Adjoint(MetaGradient):
                                      f"(integrating from t = {float(T[i]):.6g} back to 0)", task=task_ids[i], time=0.0)
 
         per_task = {**lam, **g_phi}
-        grads = {
-            "model": {n: per_task[n].mean(0) for n in model_p},
-            "rule": {k: torch.zeros_like(v) for k, v in meta_params["rule"].items()},
-        }
+        grads = {"model": {n: per_task[n].mean(0) for n in model_p}, "rule": zero_rule_grads(meta_params)}
         aux = {"query_loss": query.detach(), "inner_loss": inner}
         return grads, query.mean().detach(), aux
 

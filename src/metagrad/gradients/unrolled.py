@@ -3,49 +3,38 @@ from __future__ import annotations
 
 import torch
 
-from . import _stacked
+from ..inner import inner_loop
 from .base import MetaGradient
 
 
 class Unrolled(MetaGradient):
-    """Exact MAML meta-gradient: backpropagate through every inner step (second order)."""
+    """Exact MAML meta-gradient: backpropagate through every inner step (second order).
+
+    Per task under ``vmap`` (or a loop) with ``torch.func``; where the problem runs stacked
+    (:attr:`~metagrad.InnerProblem.stacked`: a plain MLP, an elementwise rule) a vectorized
+    meta-batch is one autograd graph through every task's steps instead: the same steps and
+    products, so equal to rounding.
+    """
 
     first_order = False
     phases = "inline"
 
-    def task_objective(self, learner, meta_params, sx, sy, qx, qy):
-        schedule = learner.schedule
-        traj, inner = learner._inner_loop(
-            meta_params, sx, sy, schedule.train_steps, first_order=self.first_order,
-            keep_trajectory=schedule.per_step_loss,
-        )
+    def task_objective(self, problem, meta_params, sx, sy, qx, qy, *, stacked: bool = False):
+        schedule = problem.schedule
+        result = inner_loop(problem, meta_params, sx, sy, steps=schedule.train_steps, first_order=self.first_order,
+                            keep_trajectory=schedule.per_step_loss, stacked=stacked)
         if schedule.per_step_loss:
-            losses = torch.stack([learner._query_loss(meta_params, u, qx, qy) for u in traj[1:]])
-            objective, final = losses.mean(), losses[-1]
+            losses = torch.stack([problem.loss(u, result.fixed, qx, qy, stacked=stacked)
+                                  for u in result.trajectory[1:]])
+            objective, final = losses.mean(0), losses[-1]
         else:
-            objective = final = learner._query_loss(meta_params, traj[-1], qx, qy)
-        return objective, {"query_loss": final.detach(), "inner_loss": inner}
+            objective = final = problem.loss(result.trajectory[-1], result.fixed, qx, qy, stacked=stacked)
+        return objective, {"query_loss": final.detach(), "inner_loss": result.losses}
 
-    def batch_gradient(self, learner, meta_params, batch, vectorize: bool):
-        """Plain SGD steps on a plain MLP, vectorized: the whole meta-batch stacked, one autograd
-        graph through every task's steps (``gradients._stacked``); the same steps and products
-        as the per-task path (which every other case takes), so equal to rounding."""
-        if not _stacked.plain_sgd_applies(learner, vectorize):
-            return super().batch_gradient(learner, meta_params, batch, vectorize)
-        with torch.enable_grad():
-            leaves = {n: v.detach().requires_grad_() for n, v in meta_params["model"].items()}
-            per_step = learner.schedule.per_step_loss
-            traj, phi, inner, loss_tasks = _stacked.sgd_inner_loop(
-                learner, leaves, batch, first_order=self.first_order, keep_trajectory=per_step)
-            if per_step:
-                losses = torch.stack([loss_tasks(u, phi, batch.query_x, batch.query_y) for u in traj[1:]])
-                objective, final = losses.mean(0), losses[-1]
-            else:
-                objective = final = loss_tasks(traj[-1], phi, batch.query_x, batch.query_y)
-            grads = torch.autograd.grad(objective.mean(), list(leaves.values()), allow_unused=True)
-        model = {n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)}
-        grads = {"model": model, "rule": {k: torch.zeros_like(v) for k, v in meta_params["rule"].items()}}
-        return grads, objective.detach().mean(), {"query_loss": final.detach(), "inner_loss": inner}
+    def batch_gradient(self, problem, meta_params, batch, vectorize: bool):
+        if not (vectorize and problem.stacked):
+            return super().batch_gradient(problem, meta_params, batch, vectorize)
+        return _stacked_gradient(self, problem, meta_params, batch)
 
 
 class FirstOrder(Unrolled):
@@ -56,3 +45,16 @@ class FirstOrder(Unrolled):
     """
 
     first_order = True
+
+
+def _stacked_gradient(method: MetaGradient, problem, meta_params, batch):
+    """``(grads, objective, aux)`` of a meta-batch from ``method.task_objective(..., stacked=True)``
+    (objectives ``[tasks]``) by plain autograd."""
+    with torch.enable_grad():
+        leaves = {g: {n: v.detach().requires_grad_() for n, v in d.items()} for g, d in meta_params.items()}
+        objective, aux = method.task_objective(problem, leaves, *batch, stacked=True)
+        flat = [v for d in leaves.values() for v in d.values()]
+        found = torch.autograd.grad(objective.mean(), flat, allow_unused=True)
+    found = iter(torch.zeros_like(v) if g is None else g for v, g in zip(flat, found))
+    grads = {g: {n: next(found) for n in d} for g, d in leaves.items()}
+    return grads, objective.detach().mean(), aux
