@@ -51,7 +51,7 @@ class MetaKFO(UpdateRule):
     only through the previous update ``theta_t = theta_{t-1} - lr * f_{xi_t}(g_{t-1})`` (``theta_{t-1}``
     and ``g_{t-1}`` are constants with respect to ``xi_t``), so the state gradient is the
     vector-Jacobian product of that update with ``grad l(theta_t)``, and zero at ``t = 0``. The
-    engine computes it (see ``MetaLearner._inner_loop``) and calls :meth:`state_step`. The
+    engine computes it (:meth:`metagrad.InnerProblem.step`) and calls :meth:`state_step`. The
     meta-gradient reaches the initial ``xi``. Algorithm 1 uses one rate ``alpha`` for both; here
     ``U = lr * f``, so ``state_lr`` defaults to ``lr``.
 
