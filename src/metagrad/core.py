@@ -151,7 +151,7 @@ class MetaLearner(nn.Module):
         result = inner_loop(self.problem, self.meta_parameters(), batch.support_x[0], batch.support_y[0], steps=steps,
                             training=False)
         _check_finite(result.losses[None], "inner")
-        return result.params()
+        return {**dict(self.model.named_buffers()), **result.params()}
 
     def meta_gradient_of(self, batch: TaskBatch, *, vectorize: bool | None = None):
         """The meta-gradient averaged over the tasks of ``batch``.

@@ -35,8 +35,9 @@ class InnerState(NamedTuple):
 
     Attributes:
         adapted: the tensors the steps adapt (``[tasks, *shape]`` each in a stacked loop).
-        fixed: every other tensor the loss reads: the parameters that do not adapt, buffers, and
-            the tensors only a phase adapted (e.g. Wormhole's C after its phase).
+        fixed: the other tensors the loss reads: the parameters that do not adapt and the tensors
+            only a phase adapted (e.g. Wormhole's C after its phase); the model's own buffers
+            otherwise.
         rule: the update rule's meta-learned state (it changes only for rules that adapt it).
         inner: the update rule's inner state (momentum, moments, step count).
         last: ``(adapted, grads, inner)`` before the previous step, kept only for rules that adapt
@@ -134,11 +135,12 @@ class InnerProblem:
         return self.loss_fn(self.forward({**fixed, **adapted}, x), y)
 
     def split(self, model_params: Params) -> tuple[dict, dict]:
-        """``(adapted, fixed)`` parts of the model's parameters; ``fixed`` includes the model's buffers."""
+        """``(adapted, fixed)`` parts of ``model_params``. The model's buffers are read from the model
+        itself (``functional_call`` takes them for the names a dict leaves out), so no integer
+        buffer enters an inner state that is differentiated; a buffer that a phase adapts
+        (Wormhole's C) joins ``fixed`` with its adapted value."""
         adapted = {n: model_params[n] for n in self.adapted_names}
-        fixed = dict(self.model.named_buffers())  # a buffer in model_params (a phase's result) wins
-        fixed.update((n, v) for n, v in model_params.items() if n not in adapted)
-        return adapted, fixed
+        return adapted, {n: v for n, v in model_params.items() if n not in adapted}
 
     # ------------------------------------------------------------------ one step
     def state(self, adapted: Params, fixed: Params, rule_state: Params, rule: UpdateRule | None = None) -> InnerState:
@@ -213,8 +215,9 @@ class InnerProblem:
         else:
             adapted, fixed = self.split(model_p)
         losses: list[Tensor] = []
+        buffers = dict(self.model.named_buffers()) if self.schedule.phases else {}
         for phase, names, rule in zip(self.schedule.phases, self.phase_names, self.phase_rules):
-            full = {**fixed, **adapted}
+            full = {**buffers, **fixed, **adapted}
             s = self.state({n: full[n] for n in names}, {n: v for n, v in full.items() if n not in names},
                            rule_state, rule)
             for _ in range(phase.steps if training else phase.eval_steps):
@@ -222,7 +225,8 @@ class InnerProblem:
                 losses.append(loss.detach())
             full = s.params()
             adapted = {n: full[n] for n in self.adapted_names}
-            fixed = {n: v for n, v in full.items() if n not in adapted}
+            buffers = {n: v for n, v in buffers.items() if n not in names}
+            fixed = {n: v for n, v in full.items() if n not in adapted and n not in buffers}
         return self.state(adapted, fixed, rule_state), losses
 
 

@@ -209,12 +209,10 @@ class Implicit(MetaGradient):
         names = problem.adapted_names
         theta = {n: meta_params["model"][n] for n in names}
         phi = {n: v for n, v in meta_params["model"].items() if n not in theta}
-        _, fixed = problem.split(meta_params["model"])
-        u, losses = self._solve(problem, theta, fixed, meta_params, sx, sy, stacked=False)
-        buffers = {n: v for n, v in fixed.items() if n not in phi}
+        u, losses = self._solve(problem, theta, phi, meta_params, sx, sy, stacked=False)
 
         def loss_at(uu, ph, x, y):
-            return problem.loss(uu, {**buffers, **ph}, x, y)
+            return problem.loss(uu, ph, x, y)
 
         # outer gradient at u*
         (g_u, g_phi), query = grad_and_value(loss_at, argnums=(0, 1))(u, phi, qx, qy)
