@@ -75,18 +75,15 @@ class Backend:
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         self.model, self.loss_fn = model, loss_fn
 
-        def loss_at(u, ph, x, y):
-            params = {**dict(self.model.named_buffers()), **ph, **u}
-            return self.loss_fn(functional_call(self.model, params, (x,)), y)
-
-        self._task_losses = vmap(loss_at)
+    def _loss_at(self, u, ph, x, y):
+        return self.loss_fn(functional_call(self.model, {**ph, **u}, (x,)), y)  # buffers: the model's own
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
     def task_losses(self, u: Mapping[str, Tensor], phi: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         """Every task's loss ``[tasks]`` (differentiable)."""
-        return self._task_losses(u, phi, x, y)
+        return vmap(self._loss_at)(u, phi, x, y)
 
     def _autograd_grad(self, u, phi, x, y, create_graph: bool):
         names = list(u)

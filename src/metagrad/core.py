@@ -120,9 +120,15 @@ class MetaLearner(nn.Module):
 
     @property
     def problem(self) -> InnerProblem:
-        """The inner problem of the current model, loss, adapted names, rule, schedule and backend
-        (built on each access, so a replaced schedule or rule is seen; validates phases)."""
-        return InnerProblem(self.model, self.loss_fn, self.adapted_names, self.rule, self.schedule, self.backend)
+        """The inner problem (:class:`~metagrad.InnerProblem`): the model, loss, adapted names, rule,
+        schedule and backend. Built once, and again if one of them is replaced (e.g. a new schedule)."""
+        parts = (self.model, self.loss_fn, self.adapted_names, self.rule, self.schedule, self.backend)
+        key = tuple(id(p) for p in parts)
+        cached = self.__dict__.get("_problem")
+        if cached is None or cached[0] != key:
+            cached = (key, InnerProblem(*parts))
+            self.__dict__["_problem"] = cached
+        return cached[1]
 
     # ------------------------------------------------------------------ parameters
     def meta_parameters(self) -> dict[str, dict[str, Tensor]]:
