@@ -184,10 +184,11 @@ class Implicit(MetaGradient):
 
         s = problem.state({n: t.detach() for n, t in theta.items()}, fixed, rule_state, rule)
         losses = []
-        for _ in range(steps):
-            s, loss = problem.step(s, x, y, first_order=True, stacked=stacked, rule=rule, grad_transform=proximal)
-            s = _tree_map(lambda t: t.detach(), s)
-            losses.append(loss.detach())
+        with torch.no_grad():  # values only (torch.func's gradient of a task still works inside)
+            for _ in range(steps):
+                s, loss = problem.step(s, x, y, first_order=True, stacked=stacked, rule=rule,
+                                       grad_transform=proximal)
+                losses.append(loss)
         if losses:
             inner = torch.stack(losses, -1)
         else:
