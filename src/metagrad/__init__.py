@@ -10,7 +10,7 @@ from .gradients import (
     Adjoint, AdjointSolverError, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
 )
 from .learners import LinNet, TNet, Wormhole, select_adapted
-from .rules import SGD, MetaCurvature, MetaKFO, MetaSGD, UpdateRule, make_rule
+from .rules import SGD, Adam, MetaCurvature, MetaKFO, MetaSGD, Momentum, UpdateRule, make_rule
 from .schedule import Phase, Schedule
 from .tasks import LinearRegression1D, LogisticRegression2D, Sinusoid, TaskBatch
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MetaLearner", "TaskModel", "InnerProblem", "InnerState", "InnerResult", "inner_loop", "Schedule", "Phase", "TaskBatch",
-    "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "make_rule",
+    "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "Adam", "Momentum", "make_rule",
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "make_meta_gradient",
     "select_adapted", "LinNet", "TNet", "Wormhole",
