@@ -3,8 +3,9 @@
 from .cifar import CIFARFS
 from .download import CorruptFileError, DownloadError, default_root, download_url, md5sum
 from .miniimagenet import MiniImageNet
-from .mnist import MNIST
-from .omniglot import Omniglot
+from .meta_splits import VISION_DATASETS, downsample, input_shape, load_meta_split
+from .mnist import MNIST, mnist_splits
+from .omniglot import Omniglot, omniglot_splits
 from .sampler import Episode, EpisodeSampler
 
 __all__ = [
@@ -19,4 +20,10 @@ __all__ = [
     "md5sum",
     "DownloadError",
     "CorruptFileError",
+    "omniglot_splits",
+    "mnist_splits",
+    "VISION_DATASETS",
+    "downsample",
+    "input_shape",
+    "load_meta_split",
 ]

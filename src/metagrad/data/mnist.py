@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from .base import ImageDataset, check_images
-from .download import CorruptFileError, RemoteFile, fetch
+from .download import CorruptFileError, RemoteFile, fetch, resolve_root
 
-__all__ = ["MNIST", "MNIST_FILES", "MNIST_MIRRORS", "read_idx_images", "read_idx_labels"]
+__all__ = ["MNIST", "MNIST_FILES", "MNIST_MIRRORS", "read_idx_images", "read_idx_labels", "mnist_splits"]
 
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
@@ -129,3 +129,35 @@ class MNIST(ImageDataset):
             if (self.data_dir / name).exists():
                 return self.data_dir / name
         return fetch(MNIST_FILES[stem + ".gz"], self.data_dir, download=download)
+
+
+def _mnist_has(root: Path, prefix: str) -> bool:
+    folder = root / "mnist"
+    return all(any((folder / (f"{prefix}-{kind}" + gz)).exists() for gz in ("", ".gz"))
+               for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+
+
+def mnist_splits(data_root, source: str = "auto"):
+    """``(source, (train_images, train_labels), (test_images, test_labels))`` for ``wormhole-mnist``.
+
+    ``"full"``: meta-train on the 60k train split, meta-test on t10k. ``"t10k-halves"``: the t10k
+    file only; digit ``d``'s images in file order, the first ``ceil(n_d / 2)`` meta-train, the rest
+    meta-test. ``"auto"``: ``"full"`` when the train files are present, else ``"t10k-halves"``.
+    """
+    root = resolve_root(data_root)
+    if source not in ("auto", "full", "t10k-halves"):
+        raise ValueError(f"source must be 'auto', 'full' or 't10k-halves', got {source!r}")
+    if source == "auto":
+        source = "full" if _mnist_has(root, "train") else "t10k-halves"
+    if not _mnist_has(root, "t10k"):
+        raise FileNotFoundError(f"wormhole-mnist needs {root / 'mnist'}/t10k-images-idx3-ubyte(.gz) and the labels "
+                                "file: --set data_root=DIR / METAGRAD_DATA at a folder holding mnist/")
+    test = MNIST(root, "test", cache=False)
+    if source == "full":
+        train = MNIST(root, "train", cache=False)
+        return source, (train.images, train.labels), (test.images, test.labels)
+    first = torch.zeros(test.labels.shape[0], dtype=torch.bool)
+    for d in test.labels.unique().tolist():
+        idx = (test.labels == d).nonzero().reshape(-1)
+        first[idx[: (idx.numel() + 1) // 2]] = True
+    return source, (test.images[first], test.labels[first]), (test.images[~first], test.labels[~first])

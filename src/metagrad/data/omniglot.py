@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 
 from .base import ImageDataset, check_images
-from .download import CorruptFileError, RemoteFile, fetch
+from .download import CorruptFileError, RemoteFile, fetch, resolve_root
 
-__all__ = ["Omniglot", "OMNIGLOT_FILES", "omniglot_split_classes"]
+__all__ = ["Omniglot", "OMNIGLOT_FILES", "omniglot_split_classes", "omniglot_splits"]
 
 _BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 
@@ -99,6 +99,23 @@ def omniglot_split_classes(protocol: str, part: str, num_characters: int = NUM_C
     i = parts.index(part)
     start = sum(sizes[:i])
     return np.sort(order[start : start + sizes[i]])
+
+
+def omniglot_splits(root, download: bool, full: tuple[str, str] = ("maml-train", "maml-test")) -> tuple[str, str]:
+    """(train, test) Omniglot splits for what is under ``root``: ``full`` (default the
+    learn2learn-style maml-train/maml-test; ``("background", "evaluation")`` for the official
+    split) when both full zips are there or ``download`` is set, else ``("small1", "small2")``
+    when both small subsets are. ``FileNotFoundError`` if neither."""
+    folder = resolve_root(root) / "omniglot"
+    if download or ((folder / "images_background.zip").exists() and (folder / "images_evaluation.zip").exists()):
+        return full
+    if (folder / "images_background_small1.zip").exists() and (folder / "images_background_small2.zip").exists():
+        return "small1", "small2"
+    raise FileNotFoundError(
+        f"no Omniglot data under {folder}: need images_background.zip + images_evaluation.zip (or the "
+        f"small1/small2 subsets); pass --set download=true to fetch the full data, or point "
+        f"--set data_root=DIR / METAGRAD_DATA at a folder holding omniglot/"
+    )
 
 
 def decode_omniglot_zip(path: Path, image_size: int, resample: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
