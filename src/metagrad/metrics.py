@@ -18,6 +18,17 @@ def half_mse(pred: Tensor, target: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(pred, target)
 
 
+def mean_abs_error(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error."""
+    return (pred - target).abs().mean()
+
+
+def nrmse(pred: Tensor, target: Tensor) -> Tensor:
+    """RMSE / population standard deviation of ``target`` (one task's points)."""
+    rmse = (pred - target).pow(2).mean().sqrt()
+    return rmse / target.std(correction=0)
+
+
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     """Multi-class accuracy of ``logits [n, classes]`` against integer labels ``[n]``."""
     return (logits.argmax(-1) == target).to(logits.dtype).mean()
