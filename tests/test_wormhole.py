@@ -284,7 +284,7 @@ def test_phase_without_lr_uses_the_rule_and_evaluate_runs():
 
 def test_avg_threshold_tasks_and_tiny_experiment_run(tmp_path):
     from metagrad.experiments import get_experiment, run
-    from metagrad.experiments.wormhole import AvgThreshold
+    from metagrad.tasks import AvgThreshold
 
     b = AvgThreshold().sample(50, generator=torch.Generator().manual_seed(0))
     assert b.support_x.shape == (50, 10, 5) and b.query_y.shape == (50, 10, 1)
@@ -301,7 +301,7 @@ def test_avg_threshold_tasks_and_tiny_experiment_run(tmp_path):
 def test_eq13_c_is_the_zero_of_the_linearized_gradient_and_matches_the_gaussian_closed_form():
     import math
 
-    from metagrad.experiments.wormhole import eq13_c
+    from metagrad.experiments.wormhole.threshold import eq13_c
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 30, generator=g, dtype=torch.float64)
@@ -324,7 +324,7 @@ def test_exact_c_minimizes_the_true_cross_entropy():
 
     from scipy.optimize import minimize_scalar
 
-    from metagrad.experiments.wormhole import exact_c
+    from metagrad.experiments.wormhole.threshold import exact_c
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(5, 12, generator=g, dtype=torch.float64)
@@ -344,7 +344,7 @@ def test_ricker_matches_numpy_and_has_unit_l2_norm():
 
     import numpy as np
 
-    from metagrad.experiments.wormhole import ricker
+    from metagrad.tasks import ricker
 
     for a in (0.5, 1.0, 2.5):
         t = np.linspace(-6, 6, 101)
@@ -361,7 +361,7 @@ def test_ricker_matches_numpy_and_has_unit_l2_norm():
 def test_wavelet_tasks_y_is_x_dot_signed_translated_wavelet():
     import numpy as np
 
-    from metagrad.experiments.wormhole import WaveletTasks
+    from metagrad.tasks import WaveletTasks
 
     fam = WaveletTasks(points=12, a=0.8, half_width=4.0, max_shift=1.5, shots=3, queries=4, dtype=torch.float64)
     batch, s, b, f = fam.sample_tasks(40, generator=torch.Generator().manual_seed(3))
@@ -412,7 +412,7 @@ def _tiny_mnist(root, per_digit=6):
 
 
 def test_mnist_t10k_halves_split(tmp_path):
-    from metagrad.experiments.wormhole import mnist_splits
+    from metagrad.data import mnist_splits
 
     lab = _tiny_mnist(tmp_path, per_digit=7)
     source, (tr_x, tr_y), (te_x, te_y) = mnist_splits(tmp_path, "auto")

@@ -11,7 +11,9 @@ from .linreg_landscape import LinregLandscape
 from .logreg_depth import LogregDepth
 from .omniglot_maml import OmniglotMAML
 from .sinusoid import SinusoidExperiment
-from .wormhole import WormholeMNIST, WormholeThreshold, WormholeWavelet
+from .wormhole.mnist import WormholeMNIST
+from .wormhole.threshold import WormholeThreshold
+from .wormhole.wavelet import WormholeWavelet
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 for _cls in (AmamlRegression, ArnoldTable1, ArnoldTable2, ArnoldTable3, ArnoldDepth,

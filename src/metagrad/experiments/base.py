@@ -82,6 +82,18 @@ def build_variant(experiment: Experiment, config: dict, name: str) -> Variant:
     return builders[name]()
 
 
+def trained_variant(experiment: Experiment, config: dict, out_dir: str | Path, name: str) -> tuple[Variant, dict]:
+    """Variant ``name`` of ``config`` with its learner loaded from the run in ``out_dir``, and
+    the checkpoint (``iteration``, ``config``, ...) it was loaded from."""
+    variant = build_variant(experiment, config, name)
+    ckpt = Path(out_dir) / name / CHECKPOINT
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt} does not exist: the variant {name!r} has not been trained")
+    state = load_checkpoint(ckpt)
+    variant.learner.load_state_dict(state["learner"])
+    return variant, state
+
+
 def _selected(experiment: Experiment, config: dict, names: list[str] | None = None) -> list[str]:
     """The variant names a run trains: all of them (``names``, default the experiment's), or the
     config's ``"only"`` selection."""
@@ -354,12 +366,7 @@ def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | No
         config["only"] = list(variants)
     results = {}
     for name in _selected(experiment, config):
-        variant = build_variant(experiment, config, name)
-        ckpt = out_dir / name / CHECKPOINT
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt} does not exist: the variant {name!r} has not been trained")
-        state = load_checkpoint(ckpt)
-        variant.learner.load_state_dict(state["learner"])
+        variant, state = trained_variant(experiment, config, out_dir, name)
         if device is not None:
             variant.learner.to(device)
         cfg = {**state["config"]}

@@ -1,0 +1,59 @@
+"""What the experiments' reports share: number formats, markdown tables, gains with their 95% CI."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .._io import atomic_open
+
+
+def fmt(value, digits: int = 3) -> str:
+    """``value`` with ``digits`` decimals; ``"-"`` for ``None``."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_ci(mean, ci) -> str:
+    """``"mean +- ci"`` (2 decimals; the mean alone without a CI); ``"diverged"`` for ``None``."""
+    if mean is None:
+        return "diverged"
+    return f"{mean:.2f} +- {ci:.2f}" if ci is not None else f"{mean:.2f}"
+
+
+def md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def md_table(header, rows=(), *, rule: str = "---") -> list[str]:
+    """The lines of a markdown table: ``header``, a rule of ``rule`` cells, then ``rows``."""
+    return [md_row(header), "|" + "|".join([rule] * len(header)) + "|", *(md_row(r) for r in rows)]
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def gain(base, other) -> tuple[float | None, float | None]:
+    """``other - base`` and its 95% CI (independent estimates: the CIs add in quadrature) from two
+    ``(mean, ci95)`` pairs; ``(None, None)`` if either mean is ``None``, a missing CI counts as 0."""
+    (b, b_ci), (o, o_ci) = base, other
+    if b is None or o is None:
+        return None, None
+    return o - b, math.hypot(b_ci or 0.0, o_ci or 0.0)
+
+
+def compare(base: dict, other: dict, key: str = "accuracy") -> dict:
+    """Gain of ``other`` over ``base`` in ``key`` (rows with ``key``, ``key + "_ci95"`` and
+    ``"paper_" + key``), its 95% CI and whether its sign matches the paper's gain: ``"yes"``,
+    ``"yes*"`` (ours within its CI of zero), ``"no"``, ``"no (within CI)"`` or ``"n/a"``."""
+    g, ci = gain((base[key], base[key + "_ci95"]), (other[key], other[key + "_ci95"]))
+    pb, po = base["paper_" + key], other["paper_" + key]
+    paper_gain = None if pb is None or po is None else po - pb
+    if g is None or paper_gain is None:
+        agrees = "n/a"
+    elif (g > 0) == (paper_gain > 0) and g != 0:
+        agrees = "yes" if abs(g) > ci else "yes*"
+    else:
+        agrees = "no" if abs(g) > ci else "no (within CI)"
+    return {"gain": g, "gain_ci95": ci, "paper_gain": paper_gain, "agrees": agrees}

@@ -1,0 +1,82 @@
+"""Wormhole MAML, the three experiments of its section 4, and what they share.
+
+* :mod:`.threshold`: ``wormhole-threshold``, Avg-Threshold classification (sec. 4.1, Table 1);
+* :mod:`.wavelet`: ``wormhole-wavelet``, Mexican-hat wavelet filters (sec. 4.2, Table 1, Fig. 5);
+* :mod:`.mnist`: ``wormhole-mnist``, 2-way 1-shot MNIST (sec. 4.3, Table 1).
+
+Each trains vanilla MAML and Wormhole MAML (:class:`~metagrad.learners.Wormhole`) for every
+number of inner steps in ``steps``: variants ``<method>-<k>step``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ...core import MetaLearner
+from ...learners import Wormhole
+from ...schedule import Schedule
+from .. import _plot
+from .._report import md_table
+
+LABELS = {"vanilla": "Vanilla MAML", "tanh": "Wormhole tanh"}
+
+
+def learner(base: nn.Module, method: str, steps: int, config: dict, loss_fn, metric_fn, *, layers=None,
+            vectorize: bool = True) -> MetaLearner:
+    """Vanilla MAML on ``base`` (``method="vanilla"``) or Wormhole MAML with C of form ``method``:
+    ``config["c_steps"]`` steps on C at ``config["c_lr"]`` (Algorithm 1), then ``steps`` on the weights."""
+    if method == "vanilla":
+        model, adapt, schedule = base, "all", Schedule(steps)
+    else:
+        model = Wormhole(base, method, layers=layers)
+        adapt = model.model_patterns()
+        schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
+    return MetaLearner(model, loss_fn, adapt=adapt, lr=config["inner_lr"], meta_gradient=config["meta_gradient"],
+                       schedule=schedule, metric_fn=metric_fn, vectorize=vectorize)
+
+
+def by_method_and_steps(config: dict, build) -> dict:
+    """``{"<method>-<k>step": build(method, k)}`` for every method and step count of ``config``."""
+    return {f"{m}-{k}step": build(m, k) for m in config["methods"] for k in config["steps"]}
+
+
+def train_config(config: dict, iterations: int) -> dict:
+    return {**config["train"], "seed": config["seed"], "iterations": iterations}
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """``"tanh-2step"`` -> ``("tanh", 2)``."""
+    method, steps = name.rsplit("-", 1)
+    return method, int(steps[: -len("step")])
+
+
+def plot_by_steps(config: dict, names, out_dir: Path, filename: str, *, key: str, per_epoch: int, ylabel: str,
+                  labels: dict, width: float = 4.2, transform=None, log: bool = False, title: str | None = None):
+    """One panel per step count: each variant's validation curve of ``key`` (``transform``-ed) by epoch."""
+    steps = config["steps"]
+    fig, axes = _plot.figure(ncols=len(steps), figsize=(width * len(steps), 3.5), squeeze=False)
+    for name in names:
+        method, k = split_name(name)
+        ax = axes[0][steps.index(k)]
+        xs, ys = _plot.val_curve(out_dir / name, key)
+        ax.plot([x / per_epoch for x in xs], ys if transform is None else [transform(y) for y in ys],
+                label=labels.get(method, method))
+        ax.set_title(f"{k}-step adaptation")
+    for ax in axes[0]:
+        if ax.lines:
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            if log:
+                ax.set_yscale("log")
+            ax.legend()
+    if title is not None:
+        fig.suptitle(title)
+    _plot.save_figure(fig, out_dir / filename)
+    _plot.close(fig)
+
+
+def table(config: dict, header, rows, cells) -> list[str]:
+    """A markdown table of ``rows`` (report entries with ``method`` and ``steps``) in config order."""
+    ordered = sorted(rows, key=lambda e: (config["methods"].index(e["method"]), e["steps"]))
+    return md_table(header, (cells(e) for e in ordered))
