@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from metagrad.experiments import get_experiment, merge_runs, run
-from metagrad.experiments import arnold_vision as av
+from metagrad.experiments import arnold_learners as al
+from metagrad.experiments import arnold_paper as ap
 from metagrad.models import CNN
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "papers" / "when-maml-can-adapt-fast.txt"
@@ -74,7 +75,7 @@ def test_tiny_run_writes_table_summary_and_png(tmp_path, omniglot_root, name):
         assert (out / vname / "checkpoint.pt").exists()
         assert 0.0 <= row["accuracy"] <= 100.0 and row["test_tasks"] == 8
         assert row["label"] in table
-        paper_a, paper_m = av.paper_rates("omniglot", row["method"])
+        paper_a, paper_m = ap.paper_rates("omniglot", row["method"])
         assert row["paper_rates"] == [paper_a, paper_m]
     for c in summary["comparisons"]:
         assert c["agrees"] in ("yes", "yes*", "no", "no (within CI)", "n/a")
@@ -102,37 +103,37 @@ def test_paper_tables_match_paper_text():
             "anil-mc", "anil-kfo"]
     for ds, label in (("omniglot", "Omniglot\t"), ("cifar-fs", "CIFAR-FS\t")):
         nums = _paper_line(label, "0.0")
-        assert [av.ADAPTATION_LR[ds][c] for c in cols] == nums
-    assert [av.ADAPTATION_LR["mini-imagenet"][c] for c in cols] == _paper_line("$\\min$ -ImageNet\t")
+        assert [ap.ADAPTATION_LR[ds][c] for c in cols] == nums
+    assert [ap.ADAPTATION_LR["mini-imagenet"][c] for c in cols] == _paper_line("$\\min$ -ImageNet\t")
     # Table B.4 and Table 2 rows
     b4 = ["anil", "anil-msgd", "anil-mc", "anil-kfo"]
-    assert [av.PAPER_TABLE_B4["mini-imagenet"][c] for c in b4] == _paper_line("${\\rm mini\\text{-}ImageNet}$\t")
-    assert [av.PAPER_TABLE2["cifar-fs"][c] for c in ("anil", "anil-linnet")] == [66.10, 67.55]
+    assert [ap.PAPER_TABLE_B4["mini-imagenet"][c] for c in b4] == _paper_line("${\\rm mini\\text{-}ImageNet}$\t")
+    assert [ap.PAPER_TABLE2["cifar-fs"][c] for c in ("anil", "anil-linnet")] == [66.10, 67.55]
     text = PAPER.read_text()
     assert "CIFAR-FS\t66.10\t67.55" in text and "Omniglot\t91.00\t92.47\t92.67\t94.40" in text
     # Table 3: the columns MAML / MSGD / T-Nets / KFO (dataset order Omniglot, CIFAR-FS, mini-ImageNet)
     assert "66.6 62.2 52.6\t74.07 62.82 <b>59.90</b>\t68.37\t92.27 66.42 58.47\t96.62 69.64 59.08" in text
-    t3 = av.PAPER_TABLE3
-    assert [t3[d]["maml-kfo"] for d in av.DATASETS] == [96.62, 69.64, 59.08]
-    assert [t3[d]["maml-tnets"] for d in av.DATASETS] == [92.27, 66.42, 58.47]
+    t3 = ap.PAPER_TABLE3
+    assert [t3[d]["maml-kfo"] for d in ap.DATASETS] == [96.62, 69.64, 59.08]
+    assert [t3[d]["maml-tnets"] for d in ap.DATASETS] == [92.27, 66.42, 58.47]
     # Table D.7: the first three columns (Omniglot, CIFAR-FS, mini-ImageNet) and ANIL's
     assert "0.003 $0.003$ $0.0005$\t0.003 0.003 0.0005\t$0.0005 \\\\ 0.001 \\\\ 0.001$" in text
-    assert [av.META_LR[d]["maml"] for d in av.DATASETS] == [0.003, 0.003, 0.0005]
-    assert [av.META_LR[d]["maml-msgd"] for d in av.DATASETS] == [0.0005, 0.001, 0.001]
-    assert [av.META_LR[d]["anil"] for d in av.DATASETS] == [0.001, 0.002, 0.001]
+    assert [ap.META_LR[d]["maml"] for d in ap.DATASETS] == [0.003, 0.003, 0.0005]
+    assert [ap.META_LR[d]["maml-msgd"] for d in ap.DATASETS] == [0.0005, 0.001, 0.001]
+    assert [ap.META_LR[d]["anil"] for d in ap.DATASETS] == [0.001, 0.002, 0.001]
     # Table 1: CIFAR-FS MAML CNN(2) equals Table 3's MAML on CNN(2) (the same setting)
-    assert av.PAPER_TABLE1["cifar-fs"]["maml"][2] == t3["cifar-fs"]["maml"]
+    assert ap.PAPER_TABLE1["cifar-fs"]["maml"][2] == t3["cifar-fs"]["maml"]
     assert "62.2\t68.9\t70.9\t71.3\t66.1\t71.1\t98.1 74.4 64.9\t71.9" in text
 
 
 def test_rates_lookup_fills_lost_cells_and_overrides():
-    assert av.paper_rates("cifar-fs", "maml-kfo") == (0.1, 0.003)  # lost D.7 cell: column's number
-    assert av.paper_rates("mini-imagenet", "anil-kfo") == (0.1, 0.001)
-    assert av.paper_rates("omniglot", "maml-tnets") == av.paper_rates("omniglot", "maml")
+    assert ap.paper_rates("cifar-fs", "maml-kfo") == (0.1, 0.003)  # lost D.7 cell: column's number
+    assert ap.paper_rates("mini-imagenet", "anil-kfo") == (0.1, 0.001)
+    assert ap.paper_rates("omniglot", "maml-tnets") == ap.paper_rates("omniglot", "maml")
     exp = get_experiment("arnold-table3")
     cfg = exp.resolve(["meta_lr.maml-mc=0.01", "dataset=cifar-fs"])
-    assert av.rates(cfg, "maml-mc") == (0.7, 0.01) and av.rates(cfg, "maml") == (0.07, 0.003)
-    assert av.paper_accuracy("omniglot", "maml", 2, ("Table 1",)) == (66.6, "Table 3")
+    assert ap.rates(cfg, "maml-mc") == (0.7, 0.01) and ap.rates(cfg, "maml") == (0.07, 0.003)
+    assert ap.paper_accuracy("omniglot", "maml", 2, ("Table 1",)) == (66.6, "Table 3")
     with pytest.raises(ValueError, match="anil-tnets"):
         exp.variant_specs(exp.resolve(['methods=["anil-tnets"]']))
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
@@ -150,12 +151,12 @@ def test_adapted_models_have_base_cnn_size_and_function(dataset):
         exp = get_experiment(name)
         cfg = exp.resolve([f"dataset={dataset}", "channels=8", 'methods=' + json.dumps(list(exp.methods))])
         for vname, (method, k) in exp.variant_specs(cfg).items():
-            learner, _ = av.build_learner(method, k, cfg)
+            learner, _ = al.build_learner(method, k, cfg)
             model = learner.model.double()
             with torch.no_grad():  # move T-Net transforms off the identity, so absorbing is not trivial
                 for p in model.parameters():
                     p.add_(0.05 * torch.randn_like(p))
-            plain = av.adapted_model(model)
+            plain = al.adapted_model(model)
             shape = (1, 28, 28) if dataset == "omniglot" else (3, 32, 32)
             reference = CNN(k, 5, channels=8, in_channels=shape[0], image_size=shape[1])  # counted independently
             assert type(plain) is CNN, vname
@@ -175,10 +176,10 @@ def test_init_option_reaches_every_cnn_of_the_experiments():
     exp = get_experiment("arnold-table3")
     cfg = exp.resolve(["channels=8", "init=xavier", 'methods=' + json.dumps(list(exp.methods))])
     for method, k in exp.variant_specs(cfg).values():
-        learner, _ = av.build_learner(method, k, cfg)
+        learner, _ = al.build_learner(method, k, cfg)
         convs = [m for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and all((m.bias == 0).all() for m in convs), method  # PyTorch's init has nonzero biases
-    assert (av.base_cnn(2, cfg).features[0].bias == 0).all()
+    assert (al.base_cnn(2, cfg).features[0].bias == 0).all()
 
 
 def test_variants_shared_between_experiments_merge_into_another_experiments_run(tmp_path, omniglot_root):
@@ -223,5 +224,5 @@ def test_tiny_run_on_cifar_fs_reads_the_cifar100_tarball_and_reports_its_paper_n
     for name, paper in (("anil-cnn2", 66.10), ("anil-linnet-cnn2", 67.55)):  # Table 2's CIFAR-FS column
         row = summary["variants"][name]
         assert row["paper_accuracy"] == paper and 0.0 <= row["accuracy"] <= 100.0 and row["test_tasks"] == 8
-        assert row["paper_rates"] == list(av.paper_rates("cifar-fs", row["method"]))
+        assert row["paper_rates"] == list(ap.paper_rates("cifar-fs", row["method"]))
     assert "66.10 (Table 2)" in (out / "table.md").read_text()

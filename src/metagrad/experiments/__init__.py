@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .._registry import Registry
 from .amaml_regression import AmamlRegression
-from .arnold_vision import ArnoldDepth, ArnoldTable1, ArnoldTable2, ArnoldTable3
+from .arnold_depth import ArnoldDepth
+from .arnold_vision import ArnoldTable1, ArnoldTable2, ArnoldTable3
 from .base import Experiment, Variant, evaluate_run, merge_runs, run
 from .linnet_collapse import LinnetCollapse
 from .linreg_depth import LinregDepth
