@@ -22,35 +22,10 @@ off by default: on CPU the per-task loop is about 3x faster than ``vmap`` for th
 a GPU set ``vectorize=true``.
 
 BatchNorm is Finn et al.'s TensorFlow one by default (``norm="center"``: a learned shift, no scale,
-eps 1e-3); ``norm="affine"`` is PyTorch's. Observed with ``center`` (small1 -> small2, Finn's test
-protocol, 3 test steps; seed 0 of 1-shot on 2 CPU cores in 65 minutes, the others on one H100 with
-``--device cuda --set vectorize=true``; the 5,000-task column is ``metagrad eval DIR --tasks 5000``):
+eps 1e-3); ``norm="affine"`` is PyTorch's. ``init``: ``"torch"`` (PyTorch's default) or ``"xavier"``.
 
-| variant | seed 0 (600 tasks) | seed 1 | seed 2 | seed 0, 5,000 tasks | anchor |
-|---|---|---|---|---|---|
-| 5-way 1-shot, 5,000 its | 97.53 +- 0.59 | 97.33 +- 0.57 | | 97.52 +- 0.20 | 97.5 +- 0.4 |
-| 5-way 5-shot, 3,000 its | 98.62 +- 0.32 | 98.75 +- 0.32 | 98.42 +- 0.39 | 98.49 +- 0.12 | 98.9 +- 0.3 |
-
-1-shot matches the anchor; 5-shot gains 0.1-0.8 points over ``affine`` (below) but stays 0.15-0.5
-under the anchor's 98.9 (the 600-task intervals overlap it, the 5,000-task one does not). The
-5-shot query loss rises from step 1 to step 3 (0.048 -> 0.100 on the 5,000 tasks) while accuracy
-stays flat (98.50 / 98.51 / 98.49): lr 0.4 overshoots at test for this model.
-
-Observed with ``norm="affine"`` (small1 -> small2, Finn's test protocol, 3 test steps, PyTorch
-init). On one H100 (``--device cuda --set vectorize=true``) each variant trains in under 7.5
-minutes, four runs side by side; on 2 CPU cores 1-shot takes 0.83 s and 5-shot 2.9 s per
-meta-iteration.
-
-| variant | seed 0 (600 tasks) | seed 1 | seed 2 | seed 0, 5,000 tasks | anchor |
-|---|---|---|---|---|---|
-| 5-way 1-shot, 5,000 its | 96.83 +- 0.69 | 96.97 +- 0.60 | 96.67 +- 0.69 | 97.23 +- 0.21 | 97.5 +- 0.4 |
-| 5-way 5-shot, 3,000 its | 98.53 +- 0.37 | 97.92 +- 0.46 | 98.23 +- 0.42 | 98.33 +- 0.14 | 98.9 +- 0.3 |
-
-A 1-shot run of the same config on the CPU reached 97.21 +- 0.21 on 5,000 tasks (and 96.44 +- 0.38
-with 15 queries per class; 94.57 without rotations). With ``init="xavier"`` (seed 0, 600 tasks):
-1-shot 96.03 +- 0.70, 5-shot 98.55 +- 0.34. The 5-shot model with PyTorch's init is best after one
-test step (98.57% on the 5,000 tasks) and loses a little with each further step at lr 0.4; with
-the Xavier init accuracy still rises from step 1 to 3 (98.42 -> 98.55).
+Measured results (both norms, seeds 0-2, against Finn et al.'s numbers): ``results/README.md``,
+section "Finn et al. MAML on Omniglot (``omniglot-maml``)".
 """
 from __future__ import annotations
 
@@ -59,29 +34,15 @@ from pathlib import Path
 import torch.nn.functional as F
 
 from ..core import MetaLearner
+from ..data import EpisodeSampler, Omniglot, omniglot_splits
 from ..metrics import accuracy
 from ..models import CNN
 from ..schedule import Schedule
 from . import _plot
 from .base import Experiment, Variant
 
+#: the train/test splits with the full data (with only the small subsets: small1/small2)
 FULL = ("background", "evaluation")
-SMALL = ("small1", "small2")
-
-
-def _splits(root: Path | None, download: bool) -> tuple[str, str]:
-    from ..data.download import resolve_root
-
-    folder = resolve_root(root) / "omniglot"
-    if download or (folder / "images_background.zip").exists() and (folder / "images_evaluation.zip").exists():
-        return FULL
-    if (folder / "images_background_small1.zip").exists() and (folder / "images_background_small2.zip").exists():
-        return SMALL
-    raise FileNotFoundError(
-        f"no Omniglot data under {folder}: need images_background.zip + images_evaluation.zip (or the "
-        f"small1/small2 subsets); pass --set download=true to fetch the full data, or point "
-        f"--set data_root=DIR / METAGRAD_DATA at a folder holding omniglot/"
-    )
 
 
 class OmniglotMAML(Experiment):
@@ -130,9 +91,7 @@ class OmniglotMAML(Experiment):
         }
 
     def variants(self, config):
-        from ..data import EpisodeSampler, Omniglot
-
-        train_split, test_split = _splits(config["data_root"], config["download"])
+        train_split, test_split = omniglot_splits(config["data_root"], config["download"], FULL)
         datasets: dict[tuple[str, bool], Omniglot] = {}
 
         def dataset(split, rotations=False):
@@ -166,7 +125,7 @@ class OmniglotMAML(Experiment):
         return {name: build(spec) for name, spec in config["variants"].items()}
 
     def report(self, config, results, out_dir: Path) -> dict:
-        summary = {"splits": dict(zip(("train", "test"), _splits(config["data_root"], config["download"])))}
+        summary = {"splits": dict(zip(("train", "test"), omniglot_splits(config["data_root"], config["download"], FULL)))}
         fig, ax = _plot.figure(figsize=(5, 3.5))
         for name, res in results.items():
             summary[name] = {
