@@ -126,12 +126,12 @@ def _workload(name: str, device, generator):
     import torch.nn.functional as F
 
     if name == "mlp":
-        from metagrad.experiments.amaml_regression import TanhMLP
+        from metagrad.models import MLP
         from metagrad.tasks import CosMixture
 
         batch = CosMixture(shots=100, queries=100).sample(5, generator=generator)
         desc = {"task": "CosMixture 100shot-100val", "model": "MLP 2-32-32-1 tanh", "meta_batch": 5, "loss": "mse"}
-        return TanhMLP(2, [32, 32], 1).to(device), F.mse_loss, batch.to(device), True, desc
+        return MLP(2, [32, 32], 1, activation="tanh").to(device), F.mse_loss, batch.to(device), True, desc
     if name == "conv":
         from metagrad.models import CNN
         from metagrad.tasks import TaskBatch

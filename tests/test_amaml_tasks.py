@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from metagrad.experiments import get_experiment, merge_runs, run
-from metagrad.experiments.amaml_regression import TanhMLP, nrmse
+from metagrad.metrics import nrmse
+from metagrad.models import MLP
 from metagrad.gradients import META_GRADIENTS, MetaGradient
 from metagrad.tasks import Alpine, CosMixture
 
@@ -199,7 +200,7 @@ def test_quick_run_writes_report_and_step0_nrmse_is_direct(tmp_path):
         assert len(r["nrmse_mean"]) == 3 and r["final_nrmse_mean"] == r["nrmse_mean"][-1] and r["test_tasks"] == 40
         # step 0: the learned initialization itself, evaluated directly with numpy
         state = torch.load(tmp_path / f"cosmixture-50shot-{method}" / "checkpoint.pt", weights_only=False)["learner"]
-        model = TanhMLP(2, [32, 32], 1)
+        model = MLP(2, [32, 32], 1, activation="tanh")
         model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
         test = CosMixture(shots=50, queries=100, split="test", pool_size=40).pool()
         with torch.no_grad():

@@ -6,7 +6,7 @@ functions per family (drawn once from ``pool_seed``), each with its own fixed po
 (50shot-50val, 100shot-100val), test tasks ``shots`` support and ``test_queries`` (100) query
 points. Inputs and targets are standardized per family with training-pool statistics.
 
-Model and training (section 5.1): a 2-32-32-1 tanh MLP (:class:`TanhMLP`), inner plain gradient
+Model and training (section 5.1): a 2-32-32-1 tanh MLP (:class:`~metagrad.models.MLP`), inner plain gradient
 descent with lr 0.01 on the MSE of the standardized targets, Adam 1e-3, meta-batch 5, 5,000
 meta-iterations ("meta-epochs"). Methods are chosen by name in ``methods`` and defined in
 ``method_defs`` by a registered meta-gradient (:data:`metagrad.gradients.META_GRADIENTS`), its
@@ -30,152 +30,33 @@ GD steps) are measured on 20 test tasks for plotting only; no model selection is
 
 ``quick=true``: CosMixture 50shot-50val only, A-MAML (T = 1), MAML (10 steps), MAML-1, FOMAML
 and Reptile (100 steps), 300 meta-iterations at Adam 1e-2 (ten times the paper's rate: at 1e-3,
-300 iterations leave A-MAML's initialization untrained, see below), curves up to 500 steps
-(iMAML: add it with ``--set methods=[...]``); about 4 minutes on one CPU thread, most of it
-A-MAML's ODE solves. It shows the full panel's ordering: test nRMSE after 500 GD steps, seeds
-0 / 1 / 2 (``metagrad run amaml-regression --out DIR --set quick=true [--set seed=S]``):
-A-MAML **0.052 / 0.055 / 0.048**, Reptile 0.059 / 0.063 / 0.059, MAML 0.062 / 0.065 / 0.064,
-MAML-1 0.061 / 0.067 / 0.067, FOMAML 0.070 / 0.076 / 0.070; A-MAML leads from 200 steps on with
-every seed. The same quick setting on Alpine (``--set 'functions=["alpine"]'``) does not
-separate the methods: A-MAML, MAML and MAML-1 end at 0.774-0.776, FOMAML 0.781, Reptile 0.813.
+300 iterations leave A-MAML's initialization untrained, see the measured results), curves up to
+500 steps (iMAML: add it with ``--set methods=[...]``); about 4 minutes on one CPU thread, most
+of it A-MAML's ODE solves.
 
-Observed, all four panels at the full settings. CosMixture 50shot-50val, seed 0, 5,000
-meta-iterations (``--set 'functions=["cosmixture"]' --set 'shots=[50]' --set 'long_steps=[200]' --set
-'maml_steps=[20]'``; A-MAML alone took 1 h 45 min on one CPU thread, the five others 1 h together,
-as two ``--variant`` runs combined with ``metagrad merge``); test nRMSE, mean +- std over the 100
-test tasks, after 0 / 20 / 100 / 1,000 GD steps:
-
-| method | 0 | 20 | 100 | 1,000 |
-|---|---|---|---|---|
-| A-MAML (T = 2) | 0.774 | 0.072 | 0.044 | **0.029 +- 0.014** |
-| Reptile (200) | 0.123 | 0.074 | 0.056 | 0.039 +- 0.023 |
-| iMAML (200) | 0.279 | 0.078 | 0.060 | 0.044 +- 0.026 |
-| MAML (20) | 0.683 | 0.078 | 0.065 | 0.050 +- 0.032 |
-| MAML-1 | 0.125 | 0.083 | 0.067 | 0.052 +- 0.038 |
-| FOMAML (200) | 10.39 | 0.138 | 0.074 | 0.057 +- 0.035 |
-
-Alpine 50shot-50val, the same settings (``--set 'functions=["alpine"]'``, A-MAML 1 h 3 min on one
-CPU thread, the five others 55 min, merged the same way); every method's test nRMSE bottoms out
-between 20 and 100 steps and then rises (the 50 support points are overfitted):
-
-| method | 0 | 20 | 50 | 100 | 1,000 |
-|---|---|---|---|---|---|
-| A-MAML (T = 2) | 1.102 | 0.710 | **0.686** | **0.679** | **0.718 +- 0.081** |
-| MAML (20) | 0.719 | 0.696 | 0.700 | 0.708 | 0.758 +- 0.085 |
-| iMAML (200) | 0.724 | 0.708 | 0.708 | 0.712 | 0.761 +- 0.087 |
-| FOMAML (200) | 3.150 | 0.761 | 0.754 | 0.755 | 0.783 +- 0.084 |
-| MAML-1 | 0.725 | 0.743 | 0.748 | 0.753 | 0.800 +- 0.090 |
-| Reptile (200) | 0.765 | 0.692 | 0.692 | 0.704 | 0.830 +- 0.172 |
-
-At 50 shots, on Alpine the paper's comparisons point its way: A-MAML best from 50 steps on,
-MAML-1 and FOMAML behind MAML throughout, Reptile behind MAML from 200 steps on and last at
-1,000; iMAML stays just behind MAML (the paper has it second early on; here MAML and Reptile are).
-
-On CosMixture at 50 shots, as in the paper, A-MAML's initialization trains best from 20 steps
-on, MAML-1 trails MAML, and FOMAML trails MAML; unlike the paper, Reptile beats MAML (and
-iMAML). A-MAML's validation nRMSE during training (20 tasks, 100 steps) lags MAML, Reptile and
-iMAML up to 2,000 iterations (0.137 vs 0.085-0.097 at 500, all 0.056 at 2,000) and passes them
-from 2,500 on (0.051 vs 0.055 or more), as the others level off. So the quick setting raises the
-meta lr: at the paper's 1e-3, 300 iterations gave Reptile 0.137, MAML 0.151, A-MAML 0.161,
-MAML-1 0.178, FOMAML 0.208 after 500 steps.
-
-The 100shot-100val panels (T = 5, 500 / 50 steps: ``--set 'shots=[100]' --set 'long_steps=[500]'
---set 'maml_steps=[50]'`` with one function), seed 0, each method a ``--variant`` run on one CPU
-thread. The baselines took 10-50 min each; A-MAML took about 2 h 30 min (CosMixture) and 2 h
-(Alpine) at 1.2-1.9 s per meta-iteration, the dopri5 solve needing more right-hand sides as the
-initialization trains (about 240 at the start, 690 after 750 iterations on CosMixture).
-CosMixture:
-
-| method | 0 | 20 | 100 | 1,000 |
-|---|---|---|---|---|
-| A-MAML (T = 5) | 0.679 | 0.133 | 0.043 | **0.017 +- 0.009** |
-| Reptile (500) | 0.121 | **0.058** | **0.033** | 0.019 +- 0.010 |
-| MAML (50) | 0.614 | 0.069 | 0.049 | 0.032 +- 0.019 |
-| iMAML (500) | 0.142 | 0.072 | 0.051 | 0.033 +- 0.021 |
-| FOMAML (500) | 6.875 | 0.147 | 0.063 | 0.034 +- 0.018 |
-| MAML-1 | 0.132 | 0.081 | 0.064 | 0.047 +- 0.032 |
-
-A-MAML, trained through 500 steps' worth of gradient flow, ends best, as in the paper: 0.017 at
-1,000 steps, ahead of Reptile (0.019) and well ahead of MAML and iMAML (0.032-0.033), which it
-passes by 100 steps (0.043 vs 0.049-0.051). Early on it trails (0.133 at 20 steps, second worst,
-before FOMAML's 0.147). As at 50 shots, Reptile beats MAML and iMAML (unlike the paper); MAML-1
-trails MAML throughout and FOMAML from the start to 1,000 steps. Alpine, the same way:
-
-| method | 0 | 20 | 100 | 1,000 |
-|---|---|---|---|---|
-| Reptile (500) | 0.800 | **0.476** | **0.361** | **0.347 +- 0.078** |
-| iMAML (500) | 0.763 | 0.682 | 0.671 | 0.689 +- 0.063 |
-| MAML (50) | 0.915 | 0.704 | 0.670 | 0.691 +- 0.067 |
-| A-MAML (T = 5) | 2.087 | 0.846 | 0.713 | 0.692 +- 0.065 |
-| MAML-1 | 0.727 | 0.732 | 0.733 | 0.751 +- 0.063 |
-| FOMAML (500) | 19.63 | 1.105 | 0.955 | 0.764 +- 0.066 |
-
-Here MAML-1 falls behind MAML from 20 steps on (the paper's "particularly evident" case), iMAML is
-second early on and then level with MAML (as in the paper), and FOMAML trails. A-MAML does not
-reproduce the paper's lead here: it starts far from the data (2.09 at 0 steps), trails MAML and
-iMAML up to 100 steps (0.846 vs 0.704 at 20), reaches its best at 300-400 steps (0.684) and ends
-level with them at 1,000 (0.692 vs 0.689-0.691). Reptile, trained through 500 steps, finds an
-initialization far better than every other method (the paper has it behind MAML), where at 50
-shots it was last. The rows come from two code versions that agree to rounding per
-meta-gradient: A-MAML, Reptile and the Alpine FOMAML and iMAML were trained with the stacked
-meta-batch paths, the rest before them.
-
-One run of all four panels, the figure as the paper draws it (``results/amaml-regression-fig2``,
-2026-11-24): the default config, every variant a ``--variant`` run on one CPU thread, combined by
-``metagrad merge --ignore train.checkpoint_every``. The 100shot A-MAML variants are the runs of the
-tables above: their one-panel configs (``--set 'shots=[100]' ...``) merge into the four-panel run
-because :meth:`AmamlRegression.variant_config` compares only a variant's own function, shots, steps
-and method. The other 22 were trained again (this time CosMixture 50shot A-MAML took 26 min,
-Alpine's 38, against 1 h 45 min and 1 h 3 min above) with the current code, where the adjoint and
-iMAML take hand-written MLP derivatives (:mod:`metagrad.gradients._analytic`) and MAML the stacked
-paths. Where a variant's code path changed, 5,000 meta-iterations amplify the rounding difference
-into a different initialization: after 0 / 20 / 100 / 1,000 steps, Alpine 100shot MAML 1.628 / 0.716
-/ 0.681 / 0.700 (0.915 / 0.704 / 0.670 / 0.691 above), Alpine 50shot A-MAML 1.016 / 0.705 / 0.683 /
-0.725 (1.102 / 0.710 / 0.679 / 0.718) and iMAML 0.830 / 0.697 / 0.694 / 0.741 (0.724 / 0.708 / 0.712
-/ 0.761); every other row is the same as above to the printed digits (CosMixture 50shot A-MAML:
-0.773 at 0 steps against 0.774). The orderings at 1,000 steps are those above except Alpine: at 100
-shots A-MAML (0.692) now passes MAML (0.700), behind Reptile and iMAML (0.689); at 50 shots iMAML
-(0.741) is second behind A-MAML and ahead of MAML (0.758).
+Measured results (the quick setting with three seeds, each panel at the paper's settings, and the
+four-panel run of Fig. 2): ``results/amaml-regression-fig2/README.md``.
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_open
 from ..core import MetaLearner
 from ..gradients import META_GRADIENTS, make_meta_gradient
-from ..metrics import mse
+from ..metrics import mse, nrmse
+from ..models import MLP
 from ..schedule import Schedule
 from ..tasks import REGRESSION_FAMILIES, TaskBatch
-from ..train import CHECKPOINT, load_checkpoint
 from . import _plot
-from .base import Experiment, Variant, build_variant
+from ._report import md_table, write_text
+from .base import Experiment, Variant, trained_variant
 
 LABELS = {"a-maml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML",
           "reptile": "Reptile", "imaml": "iMAML"}
-
-
-class TanhMLP(nn.Sequential):
-    """``in -> hidden... -> out`` with tanh between layers; the last layer is named ``head``."""
-
-    def __init__(self, in_features: int, hidden, out_features: int):
-        dims = [in_features, *hidden]
-        layers: list[tuple[str, nn.Module]] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers += [(f"fc{i}", nn.Linear(a, b)), (f"tanh{i}", nn.Tanh())]
-        layers.append(("head", nn.Linear(dims[-1], out_features)))
-        super().__init__(OrderedDict(layers))
-
-
-def nrmse(pred: Tensor, target: Tensor) -> Tensor:
-    """RMSE / population standard deviation of ``target`` (one task's points)."""
-    rmse = (pred - target).pow(2).mean().sqrt()
-    return rmse / target.std(correction=0)
 
 
 def _method_steps(spec: str, long_steps: int, maml_steps: int) -> int:
@@ -321,7 +202,7 @@ class AmamlRegression(Experiment):
             def make():
                 mg, steps, options = self.method_setup(config, method, long, maml)
                 learner = MetaLearner(
-                    TanhMLP(2, config["hidden"], 1), mse, lr=config["inner_lr"],
+                    MLP(2, config["hidden"], 1, activation="tanh"), mse, lr=config["inner_lr"],
                     meta_gradient=make_meta_gradient(mg, **options),
                     schedule=Schedule(steps, config["val_steps"]), metric_fn=nrmse, vectorize=config["vectorize"],
                 )
@@ -372,8 +253,7 @@ class AmamlRegression(Experiment):
             rows = {}
             for m in methods:
                 name = f"{panel}-{m}"
-                variant = build_variant(self, config, name)
-                variant.learner.load_state_dict(load_checkpoint(out_dir / name / CHECKPOINT)["learner"])
+                variant, _ = trained_variant(self, config, out_dir, name)
                 values = self.nrmse_curve(variant.learner, batch, grid, chunk=config["eval_chunk"])
                 finite = torch.isfinite(values).all(0)
                 mean = [v if ok else None for v, ok in zip(values.mean(0).tolist(), finite.tolist())]
@@ -401,16 +281,12 @@ class AmamlRegression(Experiment):
 
         lines = []
         for title, i in ((f"nRMSE after {summary['final_step']} GD steps", -1), ("nRMSE at the initialization (0 steps)", 0)):
-            lines += [f"### {title} (mean ± std over test tasks)", "",
-                      "| method | " + " | ".join(panels) + " |", "|---" * (len(panels) + 1) + "|"]
-            for m in config["methods"]:
-                if any(m in summary["panels"][p] for p in panels):
-                    lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
-                        cell(summary["panels"][p][m], i) if m in summary["panels"][p] else "not trained"
-                        for p in panels) + " |")
+            lines += [f"### {title} (mean ± std over test tasks)", ""]
+            lines += md_table(["method", *panels], ([LABELS.get(m, m), *(
+                cell(summary["panels"][p][m], i) if m in summary["panels"][p] else "not trained" for p in panels)]
+                for m in config["methods"] if any(m in summary["panels"][p] for p in panels)))
             lines.append("")
-        with atomic_open(path, "w") as f:
-            f.write("\n".join(lines))
+        write_text(path, "\n".join(lines))
 
     def _plot(self, config, summary, path: Path) -> None:
         rows, cols = len(config["functions"]), len(config["shots"])

@@ -1,22 +1,29 @@
 """Small fully connected models used by the synthetic experiments."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 from torch import nn
 
 
-class MLP(nn.Sequential):
-    """``in -> hidden... -> out`` with ReLU between layers; the last layer is named ``head``."""
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int):
+
+class MLP(nn.Sequential):
+    """``in -> hidden... -> out`` with ``activation`` (``"relu"`` or ``"tanh"``) between layers.
+
+    Layers are named ``fc0, <activation>0, fc1, ...`` and the last one ``head`` (so a tanh MLP's
+    parameters are ``fc0.weight``, ..., ``head.bias``)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, activation: str = "relu"):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
         dims = [in_features, *hidden]
         layers: list[tuple[str, nn.Module]] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers += [(f"fc{i}", nn.Linear(a, b)), (f"relu{i}", nn.ReLU())]
+            layers += [(f"fc{i}", nn.Linear(a, b)), (f"{activation}{i}", _ACTIVATIONS[activation]())]
         layers.append(("head", nn.Linear(dims[-1], out_features)))
-        from collections import OrderedDict
-
         super().__init__(OrderedDict(layers))
 
 
