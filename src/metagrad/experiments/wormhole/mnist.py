@@ -44,25 +44,7 @@ class WormholeMNIST(Experiment):
       5+5-step inner loops is ~2 s per meta-batch of 16): 40 meta-batches of 8 tasks, a smaller
       net (channels (8, 16), hidden 64; the paper's is (20, 50), 500) and ``c_steps = 2``.
 
-    Observed (seed 0, t10k halves): quick: error vanilla 0.500/0.492/0.528, Wormhole
-    0.490/0.504/0.533 (1/2/5 steps; chance). The paper's net, 2 steps, 3 epochs (78 meta-batches,
-    2 min): vanilla 0.500, Wormhole 0.500 (paper 0.463 / 0.141); the query CE sits at ln 2: the net
-    outputs equal logits (the optimum under both label orders) and 2 steps at 0.01 cannot leave it.
-    The full 100 epochs (seed 0, t10k halves, 2,600 meta-batches per variant; the six variants side
-    by side on one H100 with ``--device cuda --set vectorize=true``, under 8 minutes), meta-test
-    error on 1,000 tasks:
-
-    | steps | vanilla (ours) | paper | Wormhole tanh (ours) | paper |
-    |---|---|---|---|---|
-    | 1 | 0.500 | 0.500 | 0.500 | 0.500 |
-    | 2 | 0.149 +- 0.010 | 0.463 | 0.500 | 0.141 |
-    | 5 | 0.500 | 0.312 | 0.500 | 0.009 |
-
-    Five of the six runs end where the 3-epoch run was: the adapted net outputs equal logits (query
-    CE ln 2). In two of them the meta-learned init has huge logits that the first inner step wipes
-    out (query CE before adaptation 935 for vanilla 5 steps and 16,598 for Wormhole 2 steps). Only
-    vanilla with 2 steps left that point, and it beats the paper's vanilla. The paper's Wormhole
-    advantage is not reproduced with one seed.
+    Measured results: ``results/README.md``, section "Wormhole MAML sec. 4.3 (``wormhole-mnist``)".
     """
 
     name = "wormhole-mnist"

@@ -50,12 +50,7 @@ class WormholeWavelet(Experiment):
     * ``w_init``: ``null`` = PyTorch's default init; ``[lo, hi]`` = uniform (the paper's Fig. 5
       demonstration used ``[-2, 3]`` with 10 C steps and 2 w steps).
 
-    Observed (seed 0, defaults, 1500 epochs, 48 s on CPU): no advantage reproduced. Query MSE
-    vanilla 0.160/0.162/0.161, Wormhole 0.159/0.161/0.162 (1/2/5 steps) = the variance of ``y``
-    (psi has zero mean, so ``Var(x . f) = sum f_j^2 / 12 = 0.16``): both meta ``w`` stay near 0 and
-    the 5e-2 inner steps barely move it; near ``w = 0`` the C phase gets no gradient, so C stays at
-    0.9. With the Fig. 5 demo (``w_init=[-2,3]``, ``c_steps=10``, ``steps=[2]``) 1500 Adam steps at
-    1e-3 cannot move ``w`` far from its init and Wormhole is worse (MSE 5.96 vs 1.46).
+    Measured results: ``results/README.md``, section "Wormhole MAML sec. 4.2 (``wormhole-wavelet``)".
     """
 
     name = "wormhole-wavelet"
