@@ -20,19 +20,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.nn.functional as F
 from torch import nn
 
 from ..core import MetaLearner
 from ..learners import LinNet
-from ..metrics import binary_accuracy
 from ..models import linear_chain
-from ..schedule import Schedule
-from ..tasks import LogisticRegression2D
-from ..train import CHECKPOINT, evaluate_tasks, load_checkpoint
+from ..train import evaluate_tasks
 from . import _plot
-from .base import Experiment, Variant, build_variant
-from .logreg_depth import LogregDepth
+from .base import Experiment, Variant, trained_variant
+from .logreg_depth import LogregDepth, adaptation_summary, logreg_family, logreg_learner
 
 LABELS = {"lr": "LR", "lr-linnet": "LR+LinNet", "lr-linnet-collapsed": "LR+LinNet collapsed"}
 
@@ -52,20 +48,12 @@ class LinnetCollapse(Experiment):
     def quick_config(self) -> dict:
         return {"train.iterations": 600, "train.eval_every": 50, "train.val_tasks": 500, "train.eval_tasks": 2000}
 
-    def _family(self, config):
-        return LogisticRegression2D(shots=config["shots"], queries=config["queries"], labels=config["labels"])
-
-    def _learner(self, config, model: nn.Module) -> MetaLearner:
-        return MetaLearner(model, F.binary_cross_entropy_with_logits, lr=config["inner_lr"],
-                           meta_gradient=config["meta_gradient"], schedule=Schedule(config["inner_steps"]),
-                           metric_fn=binary_accuracy)
-
     def variants(self, config):
         def build(model_fn, meta_lr):
             def make():
                 train = {**config["train"], "seed": config["seed"], "meta_lr": meta_lr}
-                family = self._family(config)
-                return Variant(self._learner(config, model_fn()), family, family, train)
+                family = logreg_family(config)
+                return Variant(logreg_learner(config, model_fn()), family, family, train)
             return make
 
         lrs = config["meta_lr"]
@@ -76,26 +64,18 @@ class LinnetCollapse(Experiment):
 
     def collapsed_learner(self, config, out_dir: Path) -> MetaLearner:
         """The trained ``lr-linnet`` variant (from its checkpoint), collapsed, as a plain-LR learner."""
-        variant = build_variant(self, config, "lr-linnet")
-        variant.learner.load_state_dict(load_checkpoint(out_dir / "lr-linnet" / CHECKPOINT)["learner"])
-        return self._learner(config, variant.learner.model.collapse())
+        variant, _ = trained_variant(self, config, out_dir, "lr-linnet")
+        return logreg_learner(config, variant.learner.model.collapse())
 
     def report(self, config, results, out_dir: Path) -> dict:
         train = config["train"]
         # the same held-out tasks as fit()'s final evaluation of the trained variants
-        collapsed = evaluate_tasks(self.collapsed_learner(config, out_dir), self._family(config),
+        collapsed = evaluate_tasks(self.collapsed_learner(config, out_dir), logreg_family(config),
                                    train["eval_tasks"], seed=config["seed"] + 20_011, batch=train["eval_batch"])
         results = {**results, "lr-linnet-collapsed": collapsed}
         summary = {}
         for name, res in results.items():
-            summary[name] = {
-                "label": LABELS[name],
-                "post_adapt_accuracy": res["metric"]["mean"], "post_adapt_accuracy_ci95": res["metric"]["ci95"],
-                "pre_adapt_accuracy": res["metric"]["by_step"][0],
-                "post_adapt_loss": res["loss"]["mean"], "post_adapt_loss_ci95": res["loss"]["ci95"],
-                "pre_adapt_loss": res["loss"]["by_step"][0],
-                "eval_tasks": res["tasks"],
-            }
+            summary[name] = adaptation_summary(res, LABELS[name], pre_adapt_loss=True)
         summary["collapse_same_function_pre_adapt_loss_gap"] = abs(
             summary["lr-linnet"]["pre_adapt_loss"] - summary["lr-linnet-collapsed"]["pre_adapt_loss"])
         self._plot(summary, out_dir)

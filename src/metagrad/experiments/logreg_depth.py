@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn.functional as F
+from torch import nn
 
 from ..core import MetaLearner
 from ..metrics import binary_accuracy
@@ -27,6 +28,30 @@ from . import _plot
 from .base import Experiment, Variant
 
 LABELS = {"lr": "LR", "lr-linnet2": "LR+LinNet(2)", "lr-linnet3": "LR+LinNet(3)"}
+
+
+def logreg_learner(config: dict, model: nn.Module) -> MetaLearner:
+    """MAML on ``model`` with this experiment's loss, inner rate and steps (also ``linnet-collapse``'s)."""
+    return MetaLearner(model, F.binary_cross_entropy_with_logits, lr=config["inner_lr"],
+                       meta_gradient=config["meta_gradient"], schedule=Schedule(config["inner_steps"]),
+                       metric_fn=binary_accuracy)
+
+
+def logreg_family(config: dict) -> LogisticRegression2D:
+    return LogisticRegression2D(shots=config["shots"], queries=config["queries"], labels=config["labels"])
+
+
+def adaptation_summary(res: dict, label: str, *, pre_adapt_loss: bool = False) -> dict:
+    """Accuracy and cross-entropy after (and accuracy, optionally loss, before) adaptation of one result."""
+    entry = {
+        "label": label,
+        "post_adapt_accuracy": res["metric"]["mean"], "post_adapt_accuracy_ci95": res["metric"]["ci95"],
+        "pre_adapt_accuracy": res["metric"]["by_step"][0],
+        "post_adapt_loss": res["loss"]["mean"], "post_adapt_loss_ci95": res["loss"]["ci95"],
+    }
+    if pre_adapt_loss:
+        entry["pre_adapt_loss"] = res["loss"]["by_step"][0]
+    return entry | {"eval_tasks": res["tasks"]}
 
 
 class LogregDepth(Experiment):
@@ -61,12 +86,8 @@ class LogregDepth(Experiment):
 
         def build(dims, meta_lr):
             def make():
-                learner = MetaLearner(
-                    linear_chain(dims), F.binary_cross_entropy_with_logits, lr=config["inner_lr"],
-                    meta_gradient=config["meta_gradient"], schedule=Schedule(config["inner_steps"]),
-                    metric_fn=binary_accuracy,
-                )
-                family = LogisticRegression2D(shots=config["shots"], queries=config["queries"], labels=config["labels"])
+                learner = logreg_learner(config, linear_chain(dims))
+                family = logreg_family(config)
                 train = {**config["train"], "seed": config["seed"], "meta_lr": meta_lr}
                 return Variant(learner, family, family, train)
             return make
@@ -82,13 +103,7 @@ class LogregDepth(Experiment):
         summary = {}
         fig, axes = _plot.figure(ncols=2, figsize=(9, 3.5))
         for name, res in results.items():
-            summary[name] = {
-                "label": LABELS[name],
-                "post_adapt_accuracy": res["metric"]["mean"], "post_adapt_accuracy_ci95": res["metric"]["ci95"],
-                "pre_adapt_accuracy": res["metric"]["by_step"][0],
-                "post_adapt_loss": res["loss"]["mean"], "post_adapt_loss_ci95": res["loss"]["ci95"],
-                "eval_tasks": res["tasks"],
-            }
+            summary[name] = adaptation_summary(res, LABELS[name])
             for ax, key in zip(axes, ("val_metric", "val_loss")):
                 xs, ys = _plot.val_curve(out_dir / name, key)
                 ax.plot(xs, ys, label=LABELS[name])
