@@ -121,3 +121,72 @@ def test_the_matrix_reaches_every_registered_rule():
     marks = test_every_registered_rule_with_every_method.pytestmark
     rule_param = next(m for m in marks if m.args[0] == "rule_name")
     assert list(rule_param.args[1]) == RULES.names()
+
+
+def _flat(d, names):
+    return torch.cat([d[n].reshape(-1) for n in names])
+
+
+def _unflat(vec, like, names):
+    out, i = {}, 0
+    for n in names:
+        k = like[n].numel()
+        out[n] = vec[i:i + k].reshape(like[n].shape)
+        i += k
+    return out
+
+
+@pytest.mark.parametrize("adapt", list(ADAPT))
+@pytest.mark.parametrize("rule_name", RULES.names())
+def test_implicit_equals_a_dense_solve_after_the_rules_own_proximal_steps(rule_name, adapt):
+    """iMAML with every rule that it accepts, against ``(I + H/lam)^{-1} grad L_val(u_K)`` (and the
+    mixed term for the non-adapted parameters) solved densely, ``u_K`` from STEPS steps of the rule's
+    own ``init_inner`` / ``step`` on the proximal gradient: checks that the implicit inner solve
+    carries the rule's inner state (Adam's moments and step count, the momentum buffer)."""
+    if make_rule(rule_name, lr=0.05).adapts_state:
+        pytest.skip("implicit refuses rules that adapt their state")
+    lam = 2.0
+    probe = _learner(rule_name, "unrolled", adapt)
+    n_adapted = sum(p.numel() for n, p in probe.model.named_parameters() if n in probe.adapted_names)
+    learner = MetaLearner(_model(), mse, adapt=probe.adapted_names, rule=make_rule(rule_name, lr=0.05),
+                          meta_gradient=mg.Implicit(lam=lam, cg_steps=n_adapted), schedule=Schedule(STEPS))
+    rule, model, batch = learner.rule, learner.model, _batch()
+    names, adapted = [n for n, _ in model.named_parameters()], list(learner.adapted_names)
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+    state = {k: v.detach() for k, v in learner.meta_parameters()["rule"].items()}
+    phi_names = [n for n in names if n not in adapted]
+    total = {n: torch.zeros_like(theta[n]) for n in names}
+    for i in range(batch.num_tasks):
+        sx, sy, qx, qy = (t[i] for t in batch)
+
+        def loss(u, phi, x, y):
+            return mse(torch.func.functional_call(model, {**theta, **phi, **u}, (x,)), y)
+
+        u = {n: theta[n] for n in adapted}
+        inner = rule.init_inner(u)
+        for _ in range(STEPS):
+            leaves = {n: t.clone().requires_grad_() for n, t in u.items()}
+            g = torch.autograd.grad(loss(leaves, {}, sx, sy), list(leaves.values()))
+            g = {n: gn + lam * (u[n] - theta[n]) for n, gn in zip(adapted, g)}
+            u, inner = rule.step(u, g, state, inner)
+            u = {n: t.detach() for n, t in u.items()}
+        phi = {n: theta[n].clone().requires_grad_() for n in phi_names}
+        uq = {n: t.clone().requires_grad_() for n, t in u.items()}
+        found = torch.autograd.grad(loss(uq, phi, qx, qy), list(uq.values()) + list(phi.values()))
+        g_u, g_phi = _flat(dict(zip(adapted, found)), adapted), dict(zip(phi_names, found[len(adapted):]))
+        hess = torch.autograd.functional.hessian(lambda vec: loss(_unflat(vec, u, adapted), {}, sx, sy),
+                                                 _flat(u, adapted))
+        v = torch.linalg.solve(torch.eye(len(g_u), dtype=DT) + hess / lam, g_u)
+        for n, t in _unflat(v, u, adapted).items():
+            total[n] += t
+        if phi_names:  # dJ/dphi = d_phi L_val - (1/lam) (d_phi grad_u L_tr)^T v
+            gu_tr = torch.autograd.grad(loss(uq, phi, sx, sy), list(uq.values()), create_graph=True)
+            mixed = torch.autograd.grad(torch.dot(torch.cat([t.reshape(-1) for t in gu_tr]), v), list(phi.values()))
+            for n, m in zip(phi_names, mixed):
+                total[n] += g_phi[n] - m / lam
+    ref = {"model": {n: t / batch.num_tasks for n, t in total.items()},
+           "rule": {k: torch.zeros_like(v) for k, v in state.items()}}
+    for vectorize in (True, False):
+        grads, _ = learner.meta_gradient_of(batch, vectorize=vectorize)
+        _close(grads, ref, tol=1e-8)
+    assert _nonzero(ref)

@@ -8,6 +8,16 @@ from torch import Tensor
 from .base import Params, UpdateRule, _check_rate
 
 
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """``v.sqrt()`` (the same values, ``v >= 0``) with derivative 0 instead of ``inf`` at ``v = 0``.
+
+    The double ``torch.where`` keeps the unused branch finite, so its derivative is not
+    ``0 * inf = NaN``; no data-dependent Python branch, so it runs under ``vmap``.
+    """
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
 class Adam(UpdateRule):
     """``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``, as ``torch.optim.Adam`` (no weight decay, no amsgrad).
 
@@ -15,8 +25,11 @@ class Adam(UpdateRule):
     ``v_hat = v / (1 - b2^t)`` at step ``t = 1, 2, ...``. The moments and the step count are the
     rule's **inner** state (:meth:`init_inner`): they start at zero for every task and are never
     meta-trained; the rule has no meta-learned state. Differentiable to second order (the
-    meta-gradient backpropagates through the steps); avoid exactly zero gradients, where
-    ``sqrt(v)`` has no derivative.
+    meta-gradient backpropagates through the steps). Where every gradient of an entry so far was
+    exactly zero (a dead ReLU unit, a parameter the loss does not read) ``v = 0`` and
+    ``sqrt(v) = sqrt(1 - b2) |g|`` has no derivative; the rule uses 0 there (:func:`_safe_sqrt`,
+    the symmetric subgradient) rather than autograd's ``inf * 0 = NaN``, which would spread to
+    the whole second-order meta-gradient.
 
     Args:
         lr: the inner-loop learning rate.
@@ -52,7 +65,7 @@ class Adam(UpdateRule):
             g = grads[n]
             m = b1 * inner[f"m.{n}"] + (1 - b1) * g
             v = b2 * inner[f"v.{n}"] + (1 - b2) * g * g
-            new[n] = p - self.lr * (m / c1) / ((v / c2).sqrt() + self.eps)
+            new[n] = p - self.lr * (m / c1) / (_safe_sqrt(v / c2) + self.eps)
             out[f"m.{n}"], out[f"v.{n}"] = m, v
         return new, out
 
