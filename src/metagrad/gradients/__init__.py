@@ -1,6 +1,6 @@
 """Meta-gradients: how d(query loss)/d(initialization) is computed. ``make_meta_gradient(name)``."""
 from .._registry import Registry
-from .adjoint import Adjoint, AdjointSolverError
+from .adjoint import BACKWARD_SCHEMES, FORWARD_SCHEMES, Adjoint, AdjointSolverError
 from .base import MetaGradient
 from .checkpointed import Checkpointed
 from .implicit import Implicit
@@ -24,5 +24,5 @@ def make_meta_gradient(name: str, **kwargs) -> MetaGradient:
 
 __all__ = [
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
-    "META_GRADIENTS", "make_meta_gradient",
+    "META_GRADIENTS", "make_meta_gradient", "FORWARD_SCHEMES", "BACKWARD_SCHEMES",
 ]

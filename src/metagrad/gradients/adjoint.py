@@ -1,7 +1,16 @@
-"""A-MAML (adjoint-maml.txt): the inner loop as gradient flow, the meta-gradient from its adjoint ODE."""
+"""A-MAML (adjoint-maml.txt): the inner loop as gradient flow, the meta-gradient from its adjoint ODE.
+
+:class:`Adjoint` solves the flow forward with a scheme of :data:`FORWARD_SCHEMES` (``"ode"``,
+``"euler"``) and the adjoint backward with one of :data:`BACKWARD_SCHEMES` (``"heun"``,
+``"heun-pec"``, ``"discrete"``), as torchdiffeq keeps its solvers by name. Both act on the whole
+stacked meta-batch through a :class:`_Stack` built once per solve (the problem's backend, the
+per-task grid steps, the task ids); ``Adjoint._solve`` holds the checkpointing (segments), the loop
+over the grid and the translation of failures into :class:`AdjointSolverError`.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -13,9 +22,6 @@ from ..backend import stack
 from .base import MetaGradient, zero_rule_grads
 
 _tree_map = torch.utils._pytree.tree_map
-
-FORWARDS = ("ode", "euler")
-BACKWARDS = ("heun", "heun-pec", "discrete")
 
 
 class AdjointSolverError(RuntimeError):
@@ -133,10 +139,12 @@ class Adjoint(MetaGradient):
             ``O(h^2)`` error. On ReLU / max-pool nets (a piecewise smooth flow) dopri5 still takes
             many small steps at these: use 1e-4 / 1e-6 or looser there
             (``benchmarks/long_horizon.py`` gives timings).
-        forward: ``"ode"`` (torchdiffeq) or ``"euler"`` (fixed steps of ``h``).
+        forward: ``"ode"`` (torchdiffeq) or ``"euler"`` (fixed steps of ``h``): a name in
+            :data:`FORWARD_SCHEMES` (:class:`OdeForward`, :class:`EulerForward`).
         backward: ``"heun"`` (modified Euler, the paper's), ``"heun-pec"`` (the same predictor and
             corrector with one Hessian-vector product per step, see above) or ``"discrete"``
-            (exact adjoint of Euler).
+            (exact adjoint of Euler): a name in :data:`BACKWARD_SCHEMES` (:class:`Heun`,
+            :class:`HeunPEC`, :class:`DiscreteAdjoint`).
         segments: number of recomputed segments of the grid (``1``: record every grid state, no
             recomputation; ``None``: ``1`` if the states fit in ``record_mb``, else ``round(sqrt(K))``).
         record_mb: memory (MiB) that ``segments=None`` may spend on recording every grid state.
@@ -159,17 +167,13 @@ class Adjoint(MetaGradient):
         self.h = _positive(h, "h")
         self.rtol = None if rtol is None else _positive(rtol, "rtol")
         self.atol = None if atol is None else _positive(atol, "atol")
-        if forward not in FORWARDS:
-            raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
-        if backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+        if forward not in FORWARD_SCHEMES:
+            raise ValueError(f"forward must be one of {tuple(FORWARD_SCHEMES)}, got {forward!r}")
+        if backward not in BACKWARD_SCHEMES:
+            raise ValueError(f"backward must be one of {tuple(BACKWARD_SCHEMES)}, got {backward!r}")
         self.forward, self.backward = forward, backward
-        if forward == "ode":
-            from torchdiffeq._impl.odeint import SOLVERS
-
-            if solver not in SOLVERS:
-                raise ValueError(f"unknown torchdiffeq solver {solver!r}; valid: {', '.join(sorted(SOLVERS))}")
         self.solver = solver
+        FORWARD_SCHEMES[forward].check(self)  # "ode": a torchdiffeq solver name
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.max_steps = max_steps
@@ -225,8 +229,7 @@ class Adjoint(MetaGradient):
         else:
             outs = []
             for i in range(batch.num_tasks):
-                one = type(batch)(*(t[i:i + 1] for t in batch))
-                outs.append(self._solve(problem, meta_params, one, T[i:i + 1], K, [i]))
+                outs.append(self._solve(problem, meta_params, _task(batch, i), T[i:i + 1], K, [i]))
             n = batch.num_tasks
             grads = _tree_map(lambda *gs: sum(gs) / n, *(o[0] for o in outs))
             objective = sum(o[1] for o in outs) / n
@@ -234,162 +237,59 @@ class Adjoint(MetaGradient):
         return grads, objective, aux
 
     # ------------------------------------------------------------------ one stacked solve
+    def _segment_count(self, K: int, u0: dict) -> int | None:
+        """``segments``, or for ``None``: ``1`` if the ``K + 1`` stacked states fit in ``record_mb``, else ``None``
+        (``round(sqrt(K))`` segments)."""
+        if self.segments is not None:
+            return self.segments
+        state_bytes = sum(v.numel() * v.element_size() for v in u0.values())
+        return 1 if (K + 1) * state_bytes <= self.record_mb * 2**20 else None
+
     def _solve(self, problem, meta_params, batch, T: Tensor, K: int, task_ids: list[int]):
-        names = problem.adapted_names
-        model_p = meta_params["model"]
-        theta = {n: model_p[n].detach() for n in names}
-        phi = {n: v.detach() for n, v in model_p.items() if n not in theta}
-        buffers = {n: v for n, v in problem.model.named_buffers() if n not in phi}
-        sx, sy, qx, qy = batch
-        n_tasks = sx.shape[0]
-        ref = next(iter(theta.values()))
-        T = T.to(dtype=ref.dtype, device=ref.device)
-        t_max = float(T.max())
-        steps = T / K  # [tasks] per-task grid step (h when T is a multiple of h)
-        scale = T / t_max  # [tasks] time rescaling of the stacked ODE (1 for a shared T)
-        shared = bool((T == T[0]).all())  # one horizon: one grid step, no rescaling
-        h_shared = float(steps[0])
-
-        def axpy(a: dict, b: dict, c: float) -> dict:
-            """``a + c * step * b`` per task (one fused op per tensor list for a shared horizon)."""
-            if shared:
-                keys = list(a)
-                return dict(zip(keys, torch._foreach_add([a[k] for k in keys], [b[k] for k in keys],
-                                                         alpha=c * h_shared)))
-            return {k: a[k] + c * _bcast(steps, a[k]) * b[k] for k in a}
-
-        def plus(a: dict, b: dict) -> dict:
-            keys = list(a)
-            return dict(zip(keys, torch._foreach_add([a[k] for k in keys], [b[k] for k in keys])))
-
-        def loss_at(u, ph, x, y):
-            return problem.loss(u, {**buffers, **ph}, x, y)
-
-        backend = problem.backend
-        phi_tasks = stack(phi, n_tasks)
-
-        def linearized(u):
-            return backend.linearize(u, phi_tasks, sx, sy)
-
-        def step_back(u, v):
-            pull, loss = linearized(u)
-            hv, mv = pull(v, last=True)
-            return hv, mv, loss
-
-        def heun(u, lam_next, hlam_next):
-            # predict, evaluate, correct; then evaluate at the corrected lambda (PECE, the paper's)
-            # or keep the evaluation at the predicted one for the next step (PEC, one HVP a step)
-            pull, loss = linearized(u)
-            pece = self.backward == "heun"
-            lam_tilde = axpy(lam_next, hlam_next, -1.0)
-            hl_tilde, ml_tilde = pull(lam_tilde, last=not pece)
-            lam_j = axpy(lam_next, plus(hlam_next, hl_tilde), -0.5)
-            if not pece:
-                return lam_j, hl_tilde, ml_tilde, loss
-            hl_j, ml_j = pull(lam_j, last=True)
-            return lam_j, hl_j, ml_j, loss
-
-        # -------- forward: gradient flow; keep the states at the segment boundaries only
-        u0 = {n: theta[n].expand(n_tasks, *theta[n].shape).clone() for n in names}
-        grid = torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device)
-
-        def grad_tasks(u: dict) -> dict:
-            """The per-task support-loss gradients at the stacked state ``u`` (no graph kept)."""
-            return backend.grad(u, phi_tasks, sx, sy)[1]
-
-        def rhs_tasks(u: dict) -> dict:
-            g = grad_tasks(u)
-            if shared:
-                return dict(zip(names, torch._foreach_neg([g[n] for n in names])))
-            return {n: -_bcast(scale, g[n]) * g[n] for n in names}
-
-        def integrate(start: dict, lo: int, keep: list[int]) -> dict[int, dict]:
-            """States at the grid indices ``keep`` (increasing, ``keep[0] == lo``) from ``start`` at ``lo``."""
-            if self.forward == "euler":
-                out, u = {lo: start}, start
-                for k in range(lo, keep[-1]):
-                    g = grad_tasks(u)
-                    _check_tasks(g, float(grid[k]), "gradient")
-                    u = {n: u[n] - _bcast(steps, u[n]) * g[n] for n in names}
-                    _check_tasks(u, float(grid[k + 1]), "state")
-                    if k + 1 in keep:
-                        out[k + 1] = u
-                return out
-            states = self._ode(rhs_tasks, start, names, grid[keep])
-            return dict(zip(keep, states))
-
-        segments = self.segments
-        if segments is None:
-            state_bytes = sum(v.numel() * v.element_size() for v in u0.values())
-            segments = 1 if (K + 1) * state_bytes <= self.record_mb * 2**20 else None
-        bounds = _segment_bounds(K, segments)
+        ctx = _Stack.build(problem, meta_params, batch, T, K, task_ids)
+        forward = FORWARD_SCHEMES[self.forward](self)
+        u0 = ctx.initial_state()
+        bounds = _segment_bounds(K, self._segment_count(K, u0))
         try:
+            # -------- forward: gradient flow; keep the states at the segment boundaries only
             marks = [lo for lo, _ in bounds] + [K]
-            checkpoints = integrate(u0, 0, marks) if len(bounds) > 1 else None
+            checkpoints = forward.integrate(ctx, u0, 0, marks) if len(bounds) > 1 else None
 
             # -------- the query loss at u(T) and lambda(T)
             segment_states = None
             if checkpoints is None:  # one segment: the forward solve records every grid state
-                segment_states = integrate(u0, 0, list(range(K + 1)))
+                segment_states = forward.integrate(ctx, u0, 0, list(range(K + 1)))
                 final = segment_states[K]
             else:
                 final = checkpoints[K]
-            (lam, g_phi), query = vmap(grad_and_value(loss_at, argnums=(0, 1)), in_dims=(0, None, 0, 0))(
-                final, phi, qx, qy
-            )
+            (lam, g_phi), query = ctx.query_grad(final, batch[2], batch[3])
 
             # -------- backward: the adjoint over the states, one recomputed segment at a time
             # one preallocated buffer: K small tensors kept alive through the backward pass would
             # pin the heap between the large temporaries and keep it from shrinking (peak RSS)
-            inner = ref.new_empty(n_tasks, K)
-            if self.backward != "discrete":
-                hlam, mlam, _ = step_back(final, lam)
+            inner = ctx.ref.new_empty(ctx.n_tasks, K)
+            backward = BACKWARD_SCHEMES[self.backward](ctx)
+            backward.start(final, lam)
             for lo, hi in reversed(bounds):
                 if checkpoints is not None:
-                    segment_states = integrate(checkpoints[lo], lo, list(range(lo, hi + 1)))
+                    segment_states = forward.integrate(ctx, checkpoints[lo], lo, list(range(lo, hi + 1)))
                     segment_states[hi] = checkpoints[hi]  # continuity with the later segment
                 for j in range(hi - 1, lo - 1, -1):
                     u_j = segment_states.pop(j)
-                    if self.backward != "discrete":
-                        lam, hlam, mlam_j, inner[:, j] = heun(u_j, lam, hlam)
-                        if phi:
-                            g_phi = axpy(g_phi, plus(mlam, mlam_j), -0.5)
-                        mlam = mlam_j
-                    else:
-                        hl, ml, inner[:, j] = step_back(u_j, lam)
-                        lam = axpy(lam, hl, -1.0)
-                        if phi:
-                            g_phi = axpy(g_phi, ml, -1.0)
+                    lam, g_phi, inner[:, j] = backward.step(u_j, lam, g_phi)
                 segment_states = None
         except _Failure as f:
-            task = task_ids[f.task]
-            time = f.time * float(scale[f.task])
-            raise AdjointSolverError(
-                f"adjoint forward solve failed for task {task} at t = {time:.6g} (horizon T = {float(T[f.task]):.6g}): "
-                f"{f.what} (try a smaller T, a smaller inner step h, or check the task's data)",
-                task=task, time=time,
-            ) from None
+            raise ctx.forward_error(f) from None
         except _SolverAssert as e:
-            if n_tasks > 1:  # find a task that fails on its own
-                for i in range(n_tasks):
-                    one = type(batch)(*(t[i:i + 1] for t in batch))
-                    self._solve(problem, meta_params, one, T[i:i + 1], K, [task_ids[i]])
-            time = e.time * float(scale[0])
-            raise AdjointSolverError(
-                f"adjoint forward solve failed for task{'s' if n_tasks > 1 else ''} "
-                f"{task_ids if n_tasks > 1 else task_ids[0]} at t = {time:.6g} (horizon T = {float(T.max()):.6g}): "
-                f"torchdiffeq: {e.message} (try a smaller T, a looser tolerance, or check the task's data)",
-                task=task_ids[0], time=time,
-            ) from None
-
-        bad = ~torch.stack([torch.isfinite(v.reshape(n_tasks, -1)).all(1) for v in lam.values()]).all(0)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            raise AdjointSolverError(f"adjoint backward solve gave a non-finite meta-gradient for task {task_ids[i]} "
-                                     f"(integrating from t = {float(T[i]):.6g} back to 0)", task=task_ids[i], time=0.0)
+            if ctx.n_tasks > 1:  # find a task that fails on its own
+                for i in range(ctx.n_tasks):
+                    self._solve(problem, meta_params, _task(batch, i), ctx.T[i:i + 1], K, [task_ids[i]])
+            raise ctx.solver_error(e) from None
+        ctx.check_meta_gradient(lam)
 
         per_task = {**lam, **g_phi}
-        grads = {"model": {n: per_task[n].mean(0) for n in model_p}, "rule": zero_rule_grads(meta_params)}
+        grads = {"model": {n: per_task[n].mean(0) for n in meta_params["model"]},
+                 "rule": zero_rule_grads(meta_params)}
         aux = {"query_loss": query.detach(), "inner_loss": inner}
         return grads, query.mean().detach(), aux
 
@@ -398,16 +298,183 @@ class Adjoint(MetaGradient):
         rtol, atol = DEFAULT_TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
         return (rtol if self.rtol is None else self.rtol), (atol if self.atol is None else self.atol)
 
-    def _ode(self, rhs_tasks, u_start, names, times: Tensor) -> list[dict]:
-        """torchdiffeq solve of the stacked flow from ``u_start`` at ``times[0]``; the states at ``times``."""
+
+# ---------------------------------------------------------------------------- the stacked meta-batch
+@dataclass(eq=False)
+class _Stack:
+    """What the schemes of one stacked solve share, built once per solve: the meta-batch's tasks
+    stacked on dim 0, the problem's backend, the per-task grid steps and the task ids (for errors)."""
+
+    problem: object  # the InnerProblem (its ``loss`` for the query, its ``backend``)
+    names: list[str]  # the adapted parameters (the ODE state)
+    theta: dict  # their initial values (unstacked, detached)
+    phi: dict  # the fixed parameters (unstacked, detached; empty when every parameter adapts)
+    phi_tasks: dict  # ``phi`` stacked over tasks
+    buffers: dict
+    sx: Tensor
+    sy: Tensor
+    n_tasks: int
+    ref: Tensor  # a parameter: dtype and device
+    T: Tensor  # [tasks] horizons
+    steps: Tensor  # [tasks] per-task grid step (h when T is a multiple of h)
+    scale: Tensor  # [tasks] time rescaling of the stacked ODE (1 for a shared T)
+    shared: bool  # one horizon: one grid step, no rescaling
+    h_shared: float
+    grid: Tensor  # [K + 1] the grid times (of the longest horizon)
+    task_ids: list[int]
+
+    @classmethod
+    def build(cls, problem, meta_params, batch, T: Tensor, K: int, task_ids: list[int]) -> "_Stack":
+        names = problem.adapted_names
+        model_p = meta_params["model"]
+        theta = {n: model_p[n].detach() for n in names}
+        phi = {n: v.detach() for n, v in model_p.items() if n not in theta}
+        buffers = {n: v for n, v in problem.model.named_buffers() if n not in phi}
+        sx, sy, _, _ = batch
+        n_tasks = sx.shape[0]
+        ref = next(iter(theta.values()))
+        T = T.to(dtype=ref.dtype, device=ref.device)
+        t_max = float(T.max())
+        steps = T / K
+        return cls(problem=problem, names=names, theta=theta, phi=phi, phi_tasks=stack(phi, n_tasks),
+                   buffers=buffers, sx=sx, sy=sy, n_tasks=n_tasks, ref=ref, T=T, steps=steps, scale=T / t_max,
+                   shared=bool((T == T[0]).all()), h_shared=float(steps[0]),
+                   grid=torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device), task_ids=task_ids)
+
+    # -------- arithmetic on parameter dicts
+    def axpy(self, a: dict, b: dict, c: float) -> dict:
+        """``a + c * step * b`` per task (one fused op per tensor list for a shared horizon)."""
+        if self.shared:
+            keys = list(a)
+            return dict(zip(keys, torch._foreach_add([a[k] for k in keys], [b[k] for k in keys],
+                                                     alpha=c * self.h_shared)))
+        return {k: a[k] + c * _bcast(self.steps, a[k]) * b[k] for k in a}
+
+    @staticmethod
+    def plus(a: dict, b: dict) -> dict:
+        keys = list(a)
+        return dict(zip(keys, torch._foreach_add([a[k] for k in keys], [b[k] for k in keys])))
+
+    # -------- the support loss and its derivatives at a stacked state ``u`` (the backend's)
+    def initial_state(self) -> dict:
+        return {n: self.theta[n].expand(self.n_tasks, *self.theta[n].shape).clone() for n in self.names}
+
+    def grad(self, u: dict) -> dict:
+        """The per-task support-loss gradients at ``u`` (no graph kept)."""
+        return self.problem.backend.grad(u, self.phi_tasks, self.sx, self.sy)[1]
+
+    def rhs(self, u: dict) -> dict:
+        """The right-hand side of the stacked (rescaled) flow at ``u``."""
+        g = self.grad(u)
+        if self.shared:
+            return dict(zip(self.names, torch._foreach_neg([g[n] for n in self.names])))
+        return {n: -_bcast(self.scale, g[n]) * g[n] for n in self.names}
+
+    def linearize(self, u: dict):
+        """``(pull, losses)``: ``pull(v, last=False) -> (H v, (d_phi grad_u L)^T v)`` at ``u``."""
+        return self.problem.backend.linearize(u, self.phi_tasks, self.sx, self.sy)
+
+    def pull_once(self, u: dict, v: dict):
+        """``(H v, (d_phi grad_u L)^T v, losses)`` at ``u``, one product."""
+        pull, loss = self.linearize(u)
+        hv, mv = pull(v, last=True)
+        return hv, mv, loss
+
+    def _query_loss(self, u, ph, x, y):
+        return self.problem.loss(u, {**self.buffers, **ph}, x, y)
+
+    def query_grad(self, u: dict, qx: Tensor, qy: Tensor):
+        """``((grad_u, grad_phi), losses)`` of every task's query loss at ``u``."""
+        return vmap(grad_and_value(self._query_loss, argnums=(0, 1)), in_dims=(0, None, 0, 0))(u, self.phi, qx, qy)
+
+    # -------- errors naming the task and the time
+    def forward_error(self, f: _Failure) -> AdjointSolverError:
+        task = self.task_ids[f.task]
+        time = f.time * float(self.scale[f.task])
+        return AdjointSolverError(
+            f"adjoint forward solve failed for task {task} at t = {time:.6g} (horizon T = {float(self.T[f.task]):.6g}): "
+            f"{f.what} (try a smaller T, a smaller inner step h, or check the task's data)",
+            task=task, time=time,
+        )
+
+    def solver_error(self, e: _SolverAssert) -> AdjointSolverError:
+        many = self.n_tasks > 1
+        time = e.time * float(self.scale[0])
+        return AdjointSolverError(
+            f"adjoint forward solve failed for task{'s' if many else ''} "
+            f"{self.task_ids if many else self.task_ids[0]} at t = {time:.6g} (horizon T = {float(self.T.max()):.6g}): "
+            f"torchdiffeq: {e.message} (try a smaller T, a looser tolerance, or check the task's data)",
+            task=self.task_ids[0], time=time,
+        )
+
+    def check_meta_gradient(self, lam: dict) -> None:
+        n = self.n_tasks
+        bad = ~torch.stack([torch.isfinite(v.reshape(n, -1)).all(1) for v in lam.values()]).all(0)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise AdjointSolverError(f"adjoint backward solve gave a non-finite meta-gradient for task "
+                                     f"{self.task_ids[i]} (integrating from t = {float(self.T[i]):.6g} back to 0)",
+                                     task=self.task_ids[i], time=0.0)
+
+
+# ---------------------------------------------------------------------------- forward schemes
+class ForwardScheme:
+    """A forward scheme of the gradient flow, built per solve from the :class:`Adjoint` (its solver
+    settings): ``integrate(ctx, start, lo, keep) -> {grid index: stacked state}``, the states at the
+    grid indices ``keep`` (increasing, ``keep[0] == lo``) from ``start`` at index ``lo``; it raises
+    ``_Failure`` (non-finite values) or ``_SolverAssert`` (a solver's own failure)."""
+
+    def __init__(self, method: Adjoint):
+        self.method = method
+
+    @staticmethod
+    def check(method: Adjoint) -> None:
+        """Raise ``ValueError`` for settings of ``method`` this scheme cannot run (at construction)."""
+
+    def integrate(self, ctx: _Stack, start: dict, lo: int, keep: list[int]) -> dict[int, dict]:
+        raise NotImplementedError
+
+
+class EulerForward(ForwardScheme):
+    """``K`` explicit Euler steps ``u_{k+1} = u_k - step * grad L_tr(u_k)`` (MAML's inner loop with SGD)."""
+
+    def integrate(self, ctx: _Stack, start: dict, lo: int, keep: list[int]) -> dict[int, dict]:
+        out, u, wanted = {lo: start}, start, set(keep)
+        for k in range(lo, keep[-1]):
+            g = ctx.grad(u)
+            _check_tasks(g, float(ctx.grid[k]), "gradient")
+            u = {n: u[n] - _bcast(ctx.steps, u[n]) * g[n] for n in ctx.names}
+            _check_tasks(u, float(ctx.grid[k + 1]), "state")
+            if k + 1 in wanted:
+                out[k + 1] = u
+        return out
+
+
+class OdeForward(ForwardScheme):
+    """A torchdiffeq solve (``solver``, ``rtol`` / ``atol``, ``max_steps``, ``options``) of the stacked
+    flow, recorded at the grid times of ``keep``."""
+
+    @staticmethod
+    def check(method: Adjoint) -> None:
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        if method.solver not in SOLVERS:
+            raise ValueError(f"unknown torchdiffeq solver {method.solver!r}; valid: {', '.join(sorted(SOLVERS))}")
+
+    def integrate(self, ctx: _Stack, start: dict, lo: int, keep: list[int]) -> dict[int, dict]:
+        return dict(zip(keep, self._odeint(ctx, start, ctx.grid[keep])))
+
+    def _odeint(self, ctx: _Stack, u_start: dict, times: Tensor) -> list[dict]:
+        """The states at ``times`` from ``u_start`` at ``times[0]``."""
         from torchdiffeq import odeint
 
+        names, method = ctx.names, self.method
         reached = [float(times[0])]
 
         def rhs(t, state):
             u = dict(zip(names, state))
             time = float(t)
-            f = rhs_tasks(u)
+            f = ctx.rhs(u)
             if not bool(torch.isfinite(torch.stack([v.sum() for v in f.values()])).all()):
                 # a non-finite state gives a non-finite gradient: one cheap test, then find the task
                 _check_tasks(u, time, "state")
@@ -415,19 +482,96 @@ class Adjoint(MetaGradient):
             reached[0] = max(reached[0], time)
             return tuple(f[n] for n in names)
 
-        rtol, atol = self.tolerances(u_start[names[0]].dtype)
-        options = {**self.options}
-        if self.solver in _ADAPTIVE:
-            options.setdefault("max_num_steps", self.max_steps)
+        rtol, atol = method.tolerances(u_start[names[0]].dtype)
+        options = {**method.options}
+        if method.solver in _ADAPTIVE:
+            options.setdefault("max_num_steps", method.max_steps)
         try:
             out = odeint(rhs, tuple(u_start[n] for n in names), times, rtol=rtol, atol=atol,
-                         method=self.solver, options=options)
+                         method=method.solver, options=options)
         except AssertionError as e:  # torchdiffeq asserts on dt underflow and max_num_steps
             raise _SolverAssert(str(e), reached[0]) from None
         out = [o.detach() for o in out]
         states = [{n: o[j] for n, o in zip(names, out)} for j in range(len(times))]
         _check_tasks(states[-1], float(times[-1]), "state")
         return states
+
+
+# ---------------------------------------------------------------------------- backward schemes
+class BackwardScheme:
+    """A backward scheme of the adjoint ODE, built per solve from the :class:`_Stack`:
+    ``start(u_T, lam_T)`` sees the final state and ``lambda(T)``, then ``step(u_j, lam, g_phi) ->
+    (lam_j, g_phi, support losses [tasks] at u_j)`` walks the grid from ``K - 1`` down to ``0``,
+    ``lam`` being ``lambda_{j+1}`` and ``g_phi`` the gradient of the fixed parameters so far."""
+
+    def __init__(self, ctx: _Stack):
+        self.ctx = ctx
+
+    def start(self, u_T: dict, lam_T: dict) -> None:
+        pass
+
+    def step(self, u_j: dict, lam: dict, g_phi: dict) -> tuple[dict, dict, Tensor]:
+        raise NotImplementedError
+
+
+class DiscreteAdjoint(BackwardScheme):
+    """The exact adjoint of Euler steps: ``lambda_j = lambda_{j+1} - step H(u_j) lambda_{j+1}`` and
+    ``g_phi -= step (d_phi grad_u L_tr(u_j))^T lambda_{j+1}`` (one Hessian-vector product a step)."""
+
+    def step(self, u_j: dict, lam: dict, g_phi: dict):
+        ctx = self.ctx
+        hl, ml, loss = ctx.pull_once(u_j, lam)
+        lam = ctx.axpy(lam, hl, -1.0)
+        if ctx.phi:
+            g_phi = ctx.axpy(g_phi, ml, -1.0)
+        return lam, g_phi, loss
+
+
+class Heun(BackwardScheme):
+    """Modified Euler in PECE mode (the paper's): predict ``lambda~_j = lambda_{j+1} - step H_{j+1} lambda_{j+1}``,
+    evaluate ``H(u_j) lambda~_j``, correct with the mean of both products, then evaluate ``H(u_j) lambda_j`` at
+    the corrected value for the next step (two Hessian-vector products a step). ``g_phi`` by the trapezoid rule."""
+
+    pece = True
+
+    def start(self, u_T: dict, lam_T: dict) -> None:
+        self.hlam, self.mlam, _ = self.ctx.pull_once(u_T, lam_T)  # H(u_{j+1}) lambda_{j+1}, its phi part
+
+    def step(self, u_j: dict, lam: dict, g_phi: dict):
+        ctx = self.ctx
+        pull, loss = ctx.linearize(u_j)
+        lam_tilde = ctx.axpy(lam, self.hlam, -1.0)
+        hl_tilde, ml_tilde = pull(lam_tilde, last=not self.pece)
+        lam_j = ctx.axpy(lam, ctx.plus(self.hlam, hl_tilde), -0.5)
+        if self.pece:
+            hl_j, ml_j = pull(lam_j, last=True)
+        else:
+            hl_j, ml_j = hl_tilde, ml_tilde
+        self.hlam = hl_j
+        if ctx.phi:
+            g_phi = ctx.axpy(g_phi, ctx.plus(self.mlam, ml_j), -0.5)
+        self.mlam = ml_j
+        return lam_j, g_phi, loss
+
+
+class HeunPEC(Heun):
+    """Heun in PEC mode: the next step's predictor reuses ``H(u_j) lambda~_j``, the product at the
+    predicted value (one Hessian-vector product a step, global error still ``O(h^2)``)."""
+
+    pece = False
+
+
+#: The forward schemes by name (``Adjoint(forward=...)``).
+FORWARD_SCHEMES: dict[str, type[ForwardScheme]] = {"ode": OdeForward, "euler": EulerForward}
+#: The backward schemes by name (``Adjoint(backward=...)``).
+BACKWARD_SCHEMES: dict[str, type[BackwardScheme]] = {"heun": Heun, "heun-pec": HeunPEC, "discrete": DiscreteAdjoint}
+FORWARDS = tuple(FORWARD_SCHEMES)
+BACKWARDS = tuple(BACKWARD_SCHEMES)
+
+
+def _task(batch, i: int):
+    """Task ``i`` of ``batch`` as a batch of one."""
+    return type(batch)(*(t[i:i + 1] for t in batch))
 
 
 #: Default ``(rtol, atol)`` of the adaptive forward solve by state dtype (float64; float32 and below).
