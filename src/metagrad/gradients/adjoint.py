@@ -65,7 +65,7 @@ class Adjoint(MetaGradient):
     as batched matrix products over the tasks instead of a ``vmap`` of ``functional_call``: the
     same function, with less per-operator overhead. Where that MLP's activations are tanh,
     sigmoid, (leaky) ReLU or identity and the loss a mean square, the gradients and products are
-    the hand-written backward pass and its R-operator (:mod:`metagrad.gradients._analytic`) with
+    the hand-written backward pass and its R-operator (:mod:`metagrad.backend`, "mlp-analytic") with
     no autograd graph at all, equal to autograd's to rounding and about twice as fast.
 
     Parameters that do not adapt (``phi``: the ANIL body, ``adapt="head"``) get
