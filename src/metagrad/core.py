@@ -19,7 +19,6 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .backend import Backend, make_backend
 from .gradients import MetaGradient, make_meta_gradient
@@ -143,7 +142,7 @@ class MetaLearner(nn.Module):
 
     def functional_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """``model(x)`` evaluated with ``params`` (any subset; the rest come from the model)."""
-        return functional_call(self.model, dict(params), (x,))
+        return self.problem.forward(params, x)
 
     # ------------------------------------------------------------------ public API
     def adapt(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
@@ -246,7 +245,7 @@ class TaskModel:
         self.steps_taken = 0
 
     def __call__(self, x: Tensor) -> Tensor:
-        return functional_call(self._learner.model, self.params, (x,))
+        return self._problem.forward(self.params, x)
 
     def adapt(self, loss: Tensor, *, first_order: bool | None = None, phase: int | None = None) -> "TaskModel":
         """One inner step on ``loss`` (in place on this copy).

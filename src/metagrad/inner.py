@@ -208,12 +208,8 @@ class InnerProblem:
         """
         model_p, rule_state = meta_params["model"], meta_params["rule"]
         if stacked:
-            tasks = x.shape[0]
-            model_p = {n: v.expand(tasks, *v.shape) for n, v in model_p.items()}
-            adapted = {n: model_p[n] for n in self.adapted_names}
-            fixed = {n: v for n, v in model_p.items() if n not in adapted}
-        else:
-            adapted, fixed = self.split(model_p)
+            model_p = {n: v.expand(x.shape[0], *v.shape) for n, v in model_p.items()}
+        adapted, fixed = self.split(model_p)
         losses: list[Tensor] = []
         buffers = dict(self.model.named_buffers()) if self.schedule.phases else {}
         for phase, names, rule in zip(self.schedule.phases, self.phase_names, self.phase_rules):
@@ -252,8 +248,12 @@ def inner_loop(problem: InnerProblem, meta_params, x: Tensor, y: Tensor, *, step
             trajectory.append(s.adapted)
     if steps and not keep_trajectory:
         trajectory.append(s.adapted)
+    return InnerResult(trajectory, s.fixed, stack_losses(losses, x, stacked=stacked), s)
+
+
+def stack_losses(losses: list[Tensor], x: Tensor, *, stacked: bool = False) -> Tensor:
+    """The support losses of the steps as one tensor, steps last: ``[steps]`` per task,
+    ``[tasks, steps]`` stacked (``x`` gives dtype, device and the task count when there are none)."""
     if losses:
-        inner = torch.stack(losses, -1)
-    else:
-        inner = x.new_zeros(x.shape[0], 0) if stacked else x.new_zeros(0)
-    return InnerResult(trajectory, s.fixed, inner, s)
+        return torch.stack(losses, -1)
+    return x.new_zeros(x.shape[0], 0) if stacked else x.new_zeros(0)

@@ -19,7 +19,8 @@ from torch.func import grad_and_value, vmap
 
 from ..backend import bcast as _bcast
 from ..backend import stack
-from .base import MetaGradient, zero_rule_grads
+from .base import MetaGradient, check_segments, zero_rule_grads
+from .base import segment_bounds as _segment_bounds
 
 _tree_map = torch.utils._pytree.tree_map
 
@@ -177,9 +178,7 @@ class Adjoint(MetaGradient):
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.max_steps = max_steps
-        if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
-            raise ValueError(f"segments must be a positive integer or None, got {segments!r}")
-        self.segments = segments
+        self.segments = check_segments(segments)
         if isinstance(record_mb, bool) or not isinstance(record_mb, (int, float)) or not 0 <= record_mb < math.inf:
             raise ValueError(f"record_mb must be a finite number >= 0, got {record_mb!r}")
         self.record_mb = float(record_mb)
@@ -310,7 +309,6 @@ class _Stack:
     theta: dict  # their initial values (unstacked, detached)
     phi: dict  # the fixed parameters (unstacked, detached; empty when every parameter adapts)
     phi_tasks: dict  # ``phi`` stacked over tasks
-    buffers: dict
     sx: Tensor
     sy: Tensor
     n_tasks: int
@@ -329,7 +327,6 @@ class _Stack:
         model_p = meta_params["model"]
         theta = {n: model_p[n].detach() for n in names}
         phi = {n: v.detach() for n, v in model_p.items() if n not in theta}
-        buffers = {n: v for n, v in problem.model.named_buffers() if n not in phi}
         sx, sy, _, _ = batch
         n_tasks = sx.shape[0]
         ref = next(iter(theta.values()))
@@ -337,7 +334,7 @@ class _Stack:
         t_max = float(T.max())
         steps = T / K
         return cls(problem=problem, names=names, theta=theta, phi=phi, phi_tasks=stack(phi, n_tasks),
-                   buffers=buffers, sx=sx, sy=sy, n_tasks=n_tasks, ref=ref, T=T, steps=steps, scale=T / t_max,
+                   sx=sx, sy=sy, n_tasks=n_tasks, ref=ref, T=T, steps=steps, scale=T / t_max,
                    shared=bool((T == T[0]).all()), h_shared=float(steps[0]),
                    grid=torch.linspace(0.0, t_max, K + 1, dtype=ref.dtype, device=ref.device), task_ids=task_ids)
 
@@ -380,12 +377,10 @@ class _Stack:
         hv, mv = pull(v, last=True)
         return hv, mv, loss
 
-    def _query_loss(self, u, ph, x, y):
-        return self.problem.loss(u, {**self.buffers, **ph}, x, y)
-
     def query_grad(self, u: dict, qx: Tensor, qy: Tensor):
-        """``((grad_u, grad_phi), losses)`` of every task's query loss at ``u``."""
-        return vmap(grad_and_value(self._query_loss, argnums=(0, 1)), in_dims=(0, None, 0, 0))(u, self.phi, qx, qy)
+        """``((grad_u, grad_phi), losses)`` of every task's query loss at ``u`` (the model's own buffers,
+        those in ``phi`` replaced)."""
+        return vmap(grad_and_value(self.problem.loss, argnums=(0, 1)), in_dims=(0, None, 0, 0))(u, self.phi, qx, qy)
 
     # -------- errors naming the task and the time
     def forward_error(self, f: _Failure) -> AdjointSolverError:
@@ -578,14 +573,6 @@ def _task(batch, i: int):
 DEFAULT_TOLERANCES = {torch.float64: (1e-7, 1e-9), torch.float32: (1e-5, 1e-7)}
 
 _ADAPTIVE = {"dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun"}
-
-
-def _segment_bounds(steps: int, segments: int | None) -> list[tuple[int, int]]:
-    """``(start, stop)`` grid-index ranges of ``segments`` (default ``round(sqrt(steps))``) near-equal segments."""
-    n = segments if segments is not None else max(1, round(math.sqrt(steps)))
-    n = min(max(n, 1), steps)
-    m = math.ceil(steps / n)
-    return [(lo, min(lo + m, steps)) for lo in range(0, steps, m)]
 
 
 def _positive(value, name: str) -> float:

@@ -16,6 +16,7 @@ not the derivative of a cheap surrogate (implicit, adjoint) override
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,25 @@ def mean_task_gradients(fn, meta_params, batch, vectorize: bool):
         rests.append(rest)
     n = batch.num_tasks
     return _tree_map(lambda g: g.div_(n), total), _tree_map(lambda *xs: torch.stack(xs), *rests)
+
+
+def check_segments(segments) -> int | None:
+    """``segments`` if it is a positive integer or ``None``, else ``ValueError``."""
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
+        raise ValueError(f"segments must be a positive integer or None, got {segments!r}")
+    return segments
+
+
+def segment_bounds(steps: int, segments: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges of ``segments`` (``None``: ``round(sqrt(steps))``) near-equal segments
+    of ``steps`` steps, clipped to ``[1, steps]`` segments; ``[]`` for no steps. The recomputation
+    schedule of the checkpointed and adjoint meta-gradients."""
+    if steps == 0:
+        return []
+    n = segments if segments is not None else max(1, round(math.sqrt(steps)))
+    n = min(max(n, 1), steps)
+    m = math.ceil(steps / n)
+    return [(lo, min(lo + m, steps)) for lo in range(0, steps, m)]
 
 
 def zero_rule_grads(meta_params) -> dict:

@@ -1,12 +1,10 @@
 """Checkpointed unrolled MAML: the exact second-order meta-gradient in O(sqrt K) memory."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.func import vjp
 
-from .base import MetaGradient
+from .base import MetaGradient, check_segments, segment_bounds
 
 _tree_map = torch.utils._pytree.tree_map
 
@@ -40,21 +38,14 @@ class Checkpointed(MetaGradient):
     phases = "inline"
 
     def __init__(self, segments: int | None = None):
-        if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
-            raise ValueError(f"segments must be a positive integer or None, got {segments!r}")
-        self.segments = segments
+        self.segments = check_segments(segments)
 
     def __repr__(self) -> str:
         return f"Checkpointed(segments={self.segments!r})"
 
     def bounds(self, steps: int) -> list[tuple[int, int]]:
         """The ``(start, stop)`` step ranges of the segments for ``steps`` inner steps."""
-        if steps == 0:
-            return []
-        n = self.segments if self.segments is not None else max(1, round(math.sqrt(steps)))
-        n = min(max(n, 1), steps)
-        m = math.ceil(steps / n)
-        return [(lo, min(lo + m, steps)) for lo in range(0, steps, m)]
+        return segment_bounds(steps, self.segments)
 
     def task_gradient(self, problem, meta_params, sx, sy, qx, qy):
         schedule = problem.schedule

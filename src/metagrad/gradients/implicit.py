@@ -7,6 +7,7 @@ import torch
 from torch.func import grad, grad_and_value, vjp
 
 from ..backend import bcast, stack
+from ..inner import stack_losses
 from ..rules import SGD
 from .base import MetaGradient, zero_rule_grads
 
@@ -189,11 +190,7 @@ class Implicit(MetaGradient):
                 s, loss = problem.step(s, x, y, first_order=True, stacked=stacked, rule=rule,
                                        grad_transform=proximal)
                 losses.append(loss)
-        if losses:
-            inner = torch.stack(losses, -1)
-        else:
-            inner = x.new_zeros(x.shape[0], 0) if stacked else x.new_zeros(0)
-        return s.adapted, inner
+        return s.adapted, stack_losses(losses, x, stacked=stacked)
 
     def _cg_solve(self, hessian_vector, g_u: dict, *, batched: bool) -> dict:
         """``v`` from ``cg_steps`` of CG on ``((1 + damping) I + H/lam) v = g_u``, ``H`` given by
