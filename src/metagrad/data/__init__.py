@@ -1,4 +1,4 @@
-"""Few-shot image data: dataset readers, downloads, decoded cache and episodic sampling."""
+"""Few-shot data: image and rating readers, downloads, decoded cache and episodic sampling."""
 
 from .cifar import CIFARFS
 from .download import CorruptFileError, DownloadError, default_root, download_url, md5sum
@@ -6,6 +6,7 @@ from .miniimagenet import MiniImageNet
 from .meta_splits import VISION_DATASETS, downsample, input_shape, load_meta_split
 from .mnist import MNIST, mnist_splits
 from .omniglot import Omniglot, omniglot_splits
+from .ratings import Jester, MovieLens, Ratings
 from .sampler import Episode, EpisodeSampler
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "MNIST",
     "CIFARFS",
     "MiniImageNet",
+    "Jester",
+    "MovieLens",
+    "Ratings",
     "EpisodeSampler",
     "Episode",
     "default_root",

@@ -1,8 +1,9 @@
 """Decoded-tensor cache: each split is decoded once into a ``.pt`` file beside its raw data.
 
-The cache file holds ``images`` (uint8 ``[N, C, H, W]``), ``labels`` (int64 ``[N]``),
-``meta`` (a dict of plain values), the decoding ``params``, a fingerprint of the
-source files (name, size, mtime) and a CRC32 of the tensor bytes.  It is validated
+The cache file holds named tensors (the image readers': ``images`` uint8 ``[N, C, H, W]``
+and ``labels`` int64 ``[N]``; the rating readers': ``index`` and ``ratings``), ``meta`` (a dict
+of plain values), the decoding ``params``, a fingerprint of the source files (name, size,
+mtime), each tensor's shape and a CRC32 of its bytes.  It is validated
 on load and rebuilt when stale or corrupt; writes are atomic (temporary file in the
 same folder, then :func:`os.replace`).
 """
@@ -18,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["load_or_build", "tensor_crc32", "source_fingerprint", "CACHE_VERSION"]
+__all__ = ["load_or_build", "check_images", "tensor_crc32", "source_fingerprint", "CACHE_VERSION"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def tensor_crc32(t: torch.Tensor) -> int:
@@ -38,7 +39,19 @@ def source_fingerprint(paths: Sequence[Path]) -> list[list]:
     return out
 
 
-def _validate(obj: Any, params: dict, fingerprint: list) -> str | None:
+def check_images(tensors: dict) -> str | None:
+    """The image readers' check: uint8 ``images [N, C, H, W]`` and int64 ``labels [N]``."""
+    images, labels = tensors.get("images"), tensors.get("labels")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        return "bad images tensor"
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
+        return "bad labels tensor"
+    if images.shape[0] != labels.shape[0]:
+        return f"{images.shape[0]} images but {labels.shape[0]} labels"
+    return None
+
+
+def _validate(obj: Any, params: dict, fingerprint: list, names: Sequence[str], check) -> str | None:
     if not isinstance(obj, dict):
         return "not a dict"
     if obj.get("version") != CACHE_VERSION:
@@ -47,15 +60,17 @@ def _validate(obj: Any, params: dict, fingerprint: list) -> str | None:
         return "decoding parameters differ"
     if obj.get("sources") != fingerprint:
         return "source files changed (size/mtime)"
-    images, labels = obj.get("images"), obj.get("labels")
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        return "bad images tensor"
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-        return "bad labels tensor"
-    if images.shape[0] != labels.shape[0] or list(images.shape) != obj.get("shape"):
-        return f"shape {tuple(images.shape)} does not match recorded {obj.get('shape')}"
-    if obj.get("crc_images") != tensor_crc32(images) or obj.get("crc_labels") != tensor_crc32(labels):
-        return "tensor checksum mismatch"
+    tensors = {name: obj.get(name) for name in names}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return f"no {name} tensor"
+        if list(t.shape) != obj.get("shapes", {}).get(name):
+            return f"{name} shape {tuple(t.shape)} does not match recorded {obj.get('shapes', {}).get(name)}"
+        if obj.get("crc_" + name) != tensor_crc32(t):
+            return "tensor checksum mismatch"
+    problem = check(tensors)
+    if problem is not None:
+        return problem
     if not isinstance(obj.get("meta"), dict):
         return "bad meta"
     return None
@@ -98,47 +113,50 @@ def load_or_build(
     cache_path: Path | None,
     sources: Sequence[Path],
     params: dict,
-    build: Callable[[], tuple[torch.Tensor, torch.Tensor, dict]],
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Load ``(images, labels, meta)`` from ``cache_path``, or build and cache them.
+    build: Callable[[], tuple],
+    *,
+    names: Sequence[str] = ("images", "labels"),
+    check: Callable[[dict], str | None] = check_images,
+) -> tuple:
+    """Load ``(*tensors, meta)`` from ``cache_path``, or build and cache them.
 
     Args:
         cache_path: where the decoded tensors live, or ``None`` to disable caching.
         sources: raw files the tensors are decoded from (their size/mtime guard staleness).
         params: decoding parameters (plain values); a different value invalidates the cache.
-        build: decodes the raw files, returning uint8 images ``[N, C, H, W]``, int64
-            labels ``[N]`` and a ``meta`` dict of plain values.
+        build: decodes the raw files, returning one tensor per entry of ``names`` (in order)
+            and then a ``meta`` dict of plain values.
+        names: the tensors' names in the file (default: the image readers' ``images``
+            uint8 ``[N, C, H, W]`` and ``labels`` int64 ``[N]``).
+        check: ``check({name: tensor}) -> problem or None``, the dtype and shape rules a
+            loaded file must meet (default: :func:`check_images`).
 
     A cache that is stale or fails validation is rebuilt.  If the folder is not
     writable a warning is issued and the decoded tensors are returned uncached.
     """
+    names = tuple(names)
     fingerprint = source_fingerprint(sources)
     if cache_path is not None and cache_path.exists():
         try:
             obj = torch.load(cache_path, map_location="cpu", weights_only=True)
-            problem = _validate(obj, params, fingerprint)
+            problem = _validate(obj, params, fingerprint, names, check)
         except Exception as e:  # corrupt/truncated file: any unpickling error
             problem = f"unreadable ({type(e).__name__}: {e})"
         if problem is None:
-            return obj["images"], obj["labels"], obj["meta"]
+            return (*(obj[name] for name in names), obj["meta"])
         warnings.warn(f"rebuilding decoded cache {cache_path}: {problem}", RuntimeWarning, stacklevel=3)
-    images, labels, meta = build()
-    images = images.contiguous()
-    labels = labels.contiguous()
+    *tensors, meta = build()
+    if len(tensors) != len(names):
+        raise ValueError(f"build returned {len(tensors)} tensors for the names {names}")
+    tensors = [t.contiguous() for t in tensors]
     if cache_path is not None:
-        obj = {
-            "version": CACHE_VERSION,
-            "params": params,
-            "sources": fingerprint,
-            "images": images,
-            "labels": labels,
-            "shape": list(images.shape),
-            "crc_images": tensor_crc32(images),
-            "crc_labels": tensor_crc32(labels),
-            "meta": meta,
-        }
+        obj = {"version": CACHE_VERSION, "params": params, "sources": fingerprint, "meta": meta,
+               "shapes": {name: list(t.shape) for name, t in zip(names, tensors)}}
+        for name, t in zip(names, tensors):
+            obj[name] = t
+            obj["crc_" + name] = tensor_crc32(t)
         try:
             _atomic_save(obj, cache_path)
         except OSError as e:
             warnings.warn(f"could not write decoded cache {cache_path}: {e}", RuntimeWarning, stacklevel=3)
-    return images, labels, meta
+    return (*tensors, meta)

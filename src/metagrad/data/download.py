@@ -50,17 +50,20 @@ class RemoteFile:
         urls: candidate URLs, tried in order (official first, then mirrors).
         md5: expected MD5 hex digest, or ``None`` to skip verification.
         size: expected size in bytes, or ``None`` if unknown.
+        sha256: expected SHA-256 hex digest, or ``None`` (for files whose publisher gives no MD5).
     """
 
-    __slots__ = ("filename", "urls", "md5", "size")
+    __slots__ = ("filename", "urls", "md5", "size", "sha256")
 
-    def __init__(self, filename: str, urls: Sequence[str], md5: str | None = None, size: int | None = None):
+    def __init__(self, filename: str, urls: Sequence[str], md5: str | None = None, size: int | None = None,
+                 sha256: str | None = None):
         if not urls:
             raise ValueError(f"RemoteFile {filename!r} needs at least one URL, got {urls!r}")
         self.filename = filename
         self.urls = tuple(urls)
         self.md5 = md5
         self.size = size
+        self.sha256 = sha256
 
     def __repr__(self) -> str:
         return f"RemoteFile({self.filename!r}, md5={self.md5!r}, size={self.size!r})"
@@ -83,9 +86,9 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
     return Path(root).expanduser()
 
 
-def md5sum(path: str | os.PathLike, *, chunk_size: int = 1 << 20) -> str:
-    """Return the MD5 hex digest of the file at ``path``."""
-    h = hashlib.md5()
+def md5sum(path: str | os.PathLike, *, chunk_size: int = 1 << 20, algorithm: str = "md5") -> str:
+    """Return the MD5 (or another ``hashlib`` ``algorithm``'s) hex digest of the file at ``path``."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while True:
             block = f.read(chunk_size)
@@ -182,6 +185,7 @@ def download_url(
     *,
     md5: str | None = None,
     size: int | None = None,
+    sha256: str | None = None,
     retries: int = 3,
     timeout: float = 60.0,
     backoff: float = 0.5,
@@ -193,6 +197,7 @@ def download_url(
         path: final destination.  If it already exists and matches ``md5``/``size`` nothing is done.
         md5: expected MD5 hex digest (strongly recommended).
         size: expected size in bytes.
+        sha256: expected SHA-256 hex digest.
         retries: attempts per URL; interrupted transfers resume with HTTP ``Range``.
         timeout: socket timeout in seconds.
         backoff: base of the exponential sleep between attempts, in seconds.
@@ -210,7 +215,7 @@ def download_url(
         raise ValueError(f"download_url: no URL given for {path}")
     if retries < 1:
         raise ValueError(f"download_url: retries must be >= 1, got {retries!r}")
-    if path.exists() and _verify(path, md5, size) is None:
+    if path.exists() and _verify(path, md5, size, sha256) is None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
@@ -240,7 +245,7 @@ def download_url(
                 if attempt + 1 < retries:
                     time.sleep(backoff * (2**attempt))
                 continue
-            problem = _verify(part, md5, size)
+            problem = _verify(part, md5, size, sha256)
             if problem is None:
                 os.replace(part, path)
                 return path
@@ -252,7 +257,7 @@ def download_url(
     raise DownloadError(f"could not download {path.name} to {path}:\n  " + "\n  ".join(errors))
 
 
-def _verify(path: Path, md5: str | None, size: int | None) -> str | None:
+def _verify(path: Path, md5: str | None, size: int | None, sha256: str | None = None) -> str | None:
     """Return ``None`` if ``path`` matches, else a description of the mismatch."""
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
@@ -261,6 +266,10 @@ def _verify(path: Path, md5: str | None, size: int | None) -> str | None:
         digest = md5sum(path)
         if digest != md5.lower():
             return f"checksum mismatch for {path.name}: expected md5 {md5}, got {digest}"
+    if sha256 is not None:
+        digest = md5sum(path, algorithm="sha256")
+        if digest != sha256.lower():
+            return f"checksum mismatch for {path.name}: expected sha256 {sha256}, got {digest}"
     return _archive_problem(path)
 
 
@@ -294,4 +303,5 @@ def fetch(remote: RemoteFile, folder: Path, *, download: bool, retries: int = 3,
         raise FileNotFoundError(
             f"{remote.filename} not found in {folder}; pass download=True to fetch it from {remote.urls[0]}"
         )
-    return download_url(remote.urls, path, md5=remote.md5, size=remote.size, retries=retries, timeout=timeout)
+    return download_url(remote.urls, path, md5=remote.md5, size=remote.size, sha256=remote.sha256, retries=retries,
+                        timeout=timeout)

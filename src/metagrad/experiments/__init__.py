@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .._registry import Registry
+from .amaml_cf import AmamlCF
 from .amaml_regression import AmamlRegression
 from .arnold_depth import ArnoldDepth
 from .arnold_vision import ArnoldTable1, ArnoldTable2, ArnoldTable3
@@ -17,7 +18,7 @@ from .wormhole.threshold import WormholeThreshold
 from .wormhole.wavelet import WormholeWavelet
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
-for _cls in (AmamlRegression, ArnoldTable1, ArnoldTable2, ArnoldTable3, ArnoldDepth,
+for _cls in (AmamlRegression, AmamlCF, ArnoldTable1, ArnoldTable2, ArnoldTable3, ArnoldDepth,
              LinregDepth, LinregLandscape, LogregDepth, LinnetCollapse, OmniglotMAML, SinusoidExperiment,
              WormholeThreshold, WormholeWavelet, WormholeMNIST):
     EXPERIMENTS.register(_cls.name, _cls)

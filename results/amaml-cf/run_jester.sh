@@ -1,0 +1,13 @@
+#!/bin/bash
+# Jester-1 at the paper's settings (both tables, both shot settings), on a 2-core CPU:
+# A-MAML's four variants in one process, the sixteen baselines in another, then merged.
+set -e
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1 METAGRAD_DATA=${METAGRAD_DATA:-../shared/data}
+OUT=results/amaml-cf
+variants() { for p in jester-15shot-50steps jester-20shot-50steps jester-15shot-100steps jester-20shot-100steps; do
+  for m in "$@"; do echo --variant "$p-$m"; done; done; }
+metagrad run amaml-cf --out $OUT/runs/a-maml --set dataset=jester --no-progress $(variants a-maml) > $OUT/runs/a-maml.log 2>&1 &
+metagrad run amaml-cf --out $OUT/runs/baselines --set dataset=jester --no-progress $(variants imaml maml fomaml reptile) > $OUT/runs/baselines.log 2>&1 &
+wait
+metagrad merge --out $OUT/jester $OUT/runs/a-maml $OUT/runs/baselines
