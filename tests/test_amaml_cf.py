@@ -168,3 +168,22 @@ def test_amaml_cf_refuses_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'netflix'"):
         run(get_experiment("amaml-cf"), tmp_path / "run", ["dataset=\"netflix\""], progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_reference_predictors_by_hand():
+    from metagrad.experiments.amaml_cf import AmamlCF
+
+    train = UserTasks(torch.tensor([[1.0, 3.0, 5.0, NAN], [3.0, 5.0, NAN, 1.0]]), shots=1, queries=1)
+    test = UserTasks(torch.tensor([[4.0, 2.0, 5.0, 1.0]]), shots=2, queries=1)
+    batches, _ = test.evaluation_tasks(seed=0)
+    (b,) = batches
+    s_items, q_items = b.support_x[0].argmax(1), b.query_x[0].argmax(1)
+    item_means = torch.tensor([2.0, 4.0, 5.0, 1.0])
+    row = test.matrix[0]
+    user = row[s_items].mean()
+    expected = {"support-mean": nrmse(user.expand(2), row[q_items]),
+                "item-means": nrmse(item_means[q_items], row[q_items]),
+                "biases": nrmse(user + item_means[q_items] - item_means[s_items].mean(), row[q_items])}
+    out = AmamlCF.reference_errors(train, test, seed=0)
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value.item(), rel=1e-6), name

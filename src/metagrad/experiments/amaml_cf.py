@@ -52,6 +52,10 @@ from ._report import md_table, write_text
 from .amaml_regression import LABELS, AmamlRegression, check_available
 from .base import Variant, trained_variant
 
+#: Predictors that learn nothing from meta-training, reported beside the methods for scale.
+REFERENCES = {"support-mean": "the user's support mean", "item-means": "item means of the training users",
+              "biases": "support mean + item offsets"}
+
 DATASETS = {"jester": "Jester-1", "movielens-100k": "MovieLens100K", "movielens-1m": "MovieLens1M"}
 
 #: The paper's Tables 1 (50 steps) and 2 (100 steps): mean and std of nRMSE over 100 tasks, by
@@ -246,6 +250,23 @@ class AmamlCF(AmamlRegression):
             loss.append(out["loss"])
         return torch.cat(metric).double(), torch.cat(loss).double().sqrt() * family.std
 
+    @staticmethod
+    def reference_errors(train: UserTasks, test: UserTasks, seed: int) -> dict[str, torch.Tensor]:
+        """Per test user nRMSE of two predictors that learn nothing from meta-training, for scale:
+        ``"support-mean"`` (every item rated the mean of the user's support ratings) and
+        ``"item-means"`` (each item rated its mean over the meta-training users) and ``"biases"``
+        (the user's support mean plus the item's offset from its support items' mean item mean)."""
+        item_means = ((torch.nanmean(train.matrix, 0) - test.mean) / test.std).to(test.dtype)
+        out = {name: [] for name in REFERENCES}
+        for batch in test.evaluation_tasks(seed)[0]:
+            user = batch.support_y.mean(1, keepdim=True)
+            items = (batch.query_x @ item_means).unsqueeze(-1)
+            offsets = items - (batch.support_x @ item_means).mean(1)[:, None, None]
+            for name, pred in (("support-mean", user.expand_as(batch.query_y)), ("item-means", items),
+                               ("biases", user + offsets)):
+                out[name].append(torch.stack([nrmse(p, y) for p, y in zip(pred, batch.query_y)]))
+        return {k: torch.cat(v).double() for k, v in out.items()}
+
     def report(self, config, results, out_dir: Path) -> dict:
         out_dir = Path(out_dir)
         grid = config["eval_steps"]
@@ -275,8 +296,12 @@ class AmamlCF(AmamlRegression):
                 for m in methods:
                     if m != "a-maml":
                         rows[m]["vs_a_maml"] = paired_tests(per_task["a-maml"], per_task[m])
+            train, test = self.families(config, dataset, shots, queries)
+            references = {name: {"nrmse_mean": mean_ci95(v)[0], "nrmse_ci95": mean_ci95(v)[1]}
+                          for name, v in self.reference_errors(train, test, config["split_seed"]).items()}
             summary["panels"][panel] = {"dataset": dataset, "shots": shots, "queries": queries,
-                                        "long_steps": long, "maml_steps": maml, "methods": rows}
+                                        "long_steps": long, "maml_steps": maml, "methods": rows,
+                                        "references": references}
         self._table(config, summary, out_dir / "table.md")
         self._plot(config, summary, out_dir / "amaml_cf.png")
         return summary
@@ -300,8 +325,11 @@ class AmamlCF(AmamlRegression):
                 paper = "" if r["paper"] is None else f" (paper {r['paper'][0]:.3f} +- {r['paper'][1]:.3f})"
                 return ours + paper
 
-            lines += md_table(header, ([LABELS.get(m, m), *(cell(v, m) for v in panels.values())]
-                                       for m in config["methods"]))
+            lines += md_table(header, [*([LABELS.get(m, m), *(cell(v, m) for v in panels.values())]
+                                         for m in config["methods"]),
+                                       *([f"({REFERENCES[r]})", *(
+                                           f"{v['references'][r]['nrmse_mean']:.3f} +- {v['references'][r]['nrmse_ci95']:.3f}"
+                                           for v in panels.values())] for r in REFERENCES)])
             lines += ["", "Paired tests over the test users, A-MAML against each method: mean nRMSE difference "
                       "(method - A-MAML; positive: A-MAML better), p of the t-test / Wilcoxon test.", ""]
 
