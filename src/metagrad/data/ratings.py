@@ -198,7 +198,7 @@ def read_jester_table(path: str | os.PathLike) -> np.ndarray:
                                f"{table.shape}; truncated?")
     ratings = table[:, 1:]
     rated = ratings != JESTER_UNRATED
-    if (np.abs(ratings[rated]) > 10).any():
+    if not (np.abs(ratings[rated]) <= 10).all():  # also catches NaN
         raise CorruptFileError(f"{path}: ratings outside [-10, 10] (99 marks a joke not rated)")
     bad = np.nonzero(rated.sum(1) != table[:, 0])[0]
     if bad.size:
@@ -251,6 +251,13 @@ _MOVIELENS = {  # version: (archive member / extracted file, separator, expected
 }
 
 
+def _is_int(v: str) -> bool:
+    try:
+        return abs(int(v)) < 2**63
+    except ValueError:
+        return False
+
+
 def read_movielens(path: str | os.PathLike, version: str) -> np.ndarray:
     """The ``(user, item, rating, timestamp)`` rows, int64 ``[N, 4]``, of MovieLens ``version``
     (``"100k"``: ``u.data``, tab-separated; ``"1m"``: ``ratings.dat``, ``::``-separated) from the
@@ -258,23 +265,23 @@ def read_movielens(path: str | os.PathLike, version: str) -> np.ndarray:
     path = Path(path)
     member, sep, _ = _MOVIELENS[version]
     data = _zip_member(path, member) if path.suffix == ".zip" else path.read_bytes()
+    numbered = [(n + 1, line) for n, line in enumerate(data.decode("latin-1").splitlines()) if line.strip()]
+    lineno = np.array([n for n, _ in numbered], dtype=np.int64)
+    fields = [line.split(sep) for _, line in numbered]
+    bad = next((k for k, f in enumerate(fields) if len(f) != 4), None)
+    if bad is not None:
+        raise CorruptFileError(f"{path}: line {lineno[bad]} has {len(fields[bad])} fields, expected 4 "
+                               f"(user{sep}item{sep}rating{sep}timestamp); truncated?")
     try:
-        text = data.decode("latin-1")
-        lines = [line for line in text.splitlines() if line.strip()]
-        fields = [line.split(sep) for line in lines]
-        bad = next((k for k, f in enumerate(fields) if len(f) != 4), None)
-        if bad is not None:
-            raise CorruptFileError(f"{path}: line {bad + 1} has {len(fields[bad])} fields, expected 4 "
-                                   f"(user{sep}item{sep}rating{sep}timestamp); truncated?")
         rows = np.array(fields, dtype=np.int64).reshape(-1, 4)
-    except ValueError as e:
-        if isinstance(e, CorruptFileError):
-            raise
-        raise CorruptFileError(f"{path}: not a table of integers separated by {sep!r} ({e})") from e
+    except (ValueError, OverflowError) as e:
+        bad = next((k for k, f in enumerate(fields) if not all(_is_int(v) for v in f)), 0)
+        raise CorruptFileError(f"{path}: line {lineno[bad]}: not integers separated by {sep!r} ({e})") from e
     if rows.shape[0] == 0:
         raise CorruptFileError(f"{path}: no ratings")
-    if ((rows[:, 2] < 1) | (rows[:, 2] > 5)).any():
-        raise CorruptFileError(f"{path}: ratings outside 1..5")
+    out = np.nonzero((rows[:, 2] < 1) | (rows[:, 2] > 5))[0]
+    if out.size:
+        raise CorruptFileError(f"{path}: line {lineno[out[0]]}: rating {rows[out[0], 2]} outside 1..5")
     return rows
 
 
