@@ -17,7 +17,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -149,7 +149,8 @@ def load_checkpoint(path: Path) -> dict:
 
 def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
         resume: bool = False, progress: bool = True, desc: str | None = None,
-        device: str | torch.device | None = None, position: int | None = None) -> dict:
+        device: str | torch.device | None = None, position: int | None = None,
+        on_validate: Callable[[dict], None] | None = None) -> dict:
     """Meta-train ``learner`` on tasks from ``train_family``; evaluate on ``eval_family``.
 
     Args:
@@ -165,6 +166,10 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
             drawn on the CPU from the same seeded generator as without a device, follows it.
             Checkpoints load onto any device, so a run started on one can be resumed on another.
         position: the progress bar's line (``tqdm``'s ``position``), for several fits side by side.
+        on_validate: called with each validation record of the training loop (``iteration``,
+            ``val_loss`` and, where the learner has a metric, ``val_metric``; ``None`` where not
+            finite) once it is logged, e.g. to report it to a hyperparameter search; an exception
+            it raises stops training (the last checkpoint stays, for ``resume``).
 
     Returns the summary also written to ``run_dir/summary.json``.
     """
@@ -237,6 +242,10 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
                 log.close()
                 checkpoint(it)
                 log = open(run_dir / "metrics.jsonl", "a")
+            if on_validate is not None:
+                for rec in new:
+                    if "val_loss" in rec:
+                        on_validate(rec)
         bar.close()
     finally:
         log.close()
