@@ -8,6 +8,7 @@ directory, with its own checkpoint, so a run can be resumed variant by variant.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,9 @@ class Experiment:
     #: dotted config keys that ``--resume --set`` may raise, to train a run's variants for longer
     #: (they must be how many meta-iterations each variant trains, read by nothing else)
     resume_keys: tuple[str, ...] = ()
+    #: the dotted ``summary.json`` key and direction (``"minimize"`` / ``"maximize"``) that ``metagrad
+    #: sweep`` optimizes unless told otherwise; ``None``: the sweep must name one (``--objective``)
+    sweep_objective: tuple[str, str] | None = None
 
     def default_config(self) -> dict:
         """The full default config; must contain ``quick`` (bool) and ``seed`` (int)."""
@@ -110,7 +114,7 @@ def _selected(experiment: Experiment, config: dict, names: list[str] | None = No
 
 
 def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
-        progress: bool = True, variants=None, device=None, jobs: int = 1) -> dict:
+        progress: bool = True, variants=None, device=None, jobs: int = 1, on_validate=None) -> dict:
     """Run (or resume) an experiment into ``out_dir``; returns its summary.
 
     ``device``: train and evaluate there (``"cuda"``, ``"cuda:1"``; default: the CPU). It is not
@@ -129,9 +133,14 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     the report is written once all have finished. A variant that fails stops the others (their
     checkpoints stay, for ``resume``) and its error is raised, naming it. Small models on a GPU
     keep it busy this way: their kernels are too short to fill it one variant at a time.
+
+    ``on_validate``: called as ``on_validate(variant_name, record)`` with each validation record
+    of the training loops (see :func:`~metagrad.train.fit`); only with ``jobs=1``.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if on_validate is not None and jobs > 1:
+        raise ValueError(f"on_validate needs jobs=1 (a callback does not reach worker processes), got jobs={jobs}")
     out_dir = Path(out_dir)
     cfg_path = out_dir / "config.json"
     if resume:
@@ -160,7 +169,7 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
                                    device=device)
     else:
         results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
-                                        device=device) for name in names}
+                                        device=device, on_validate=on_validate) for name in names}
     return _write_report(experiment, config, results, out_dir, partial=len(names) < len(every))
 
 
@@ -203,12 +212,13 @@ def _without(config: dict, keys) -> dict:
 
 
 def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Path, *, resume: bool,
-                   progress: bool, device=None, position: int | None = None) -> dict:
+                   progress: bool, device=None, position: int | None = None, on_validate=None) -> dict:
     """Build and fit one variant into ``out_dir / name``; returns its summary."""
     variant = build_variant(experiment, config, name)
     return fit(variant.learner, variant.train_family, variant.eval_family, variant.train, out_dir / name,
                resume=resume, progress=progress, desc=f"{experiment.name}:{name}", device=device,
-               position=position)
+               position=position,
+               on_validate=None if on_validate is None else functools.partial(on_validate, name))
 
 
 _WORKER: dict = {}  # in a worker process of _train_parallel: its progress-bar line
