@@ -1,4 +1,4 @@
-"""The ``metagrad`` command line: ``list``, ``run``, ``eval``, ``merge``."""
+"""The ``metagrad`` command line: ``list``, ``run``, ``eval``, ``merge``, ``sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
+from .experiments.seeds import run_seeds, seeds_table
 from ._io import read_json
 
 
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train up to N variants at once, one process each (default: 1)")
+    r.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run once per seed into DIR/seed-S (config seed=S) and write DIR/seeds.json and seeds.md: "
+                        "mean and 95%% CI (t-distribution) across seeds of every number of the summaries")
     e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoints on fresh held-out tasks")
     e.add_argument("dir", type=Path, help="run directory")
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
@@ -44,6 +48,27 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="a config key that may differ between the runs, e.g. vectorize or train.checkpoint_every "
                         "(dotted for nested keys; repeatable)")
+    s = sub.add_parser("sweep", help="search config values of an experiment with Optuna (TPE with pruning, or a "
+                                     "grid); running it again continues the sweep")
+    s.add_argument("name", help="experiment name (see `metagrad list`)")
+    s.add_argument("--out", required=True, type=Path,
+                   help="sweep directory: the study (sweep.journal), one run folder per trial, sweep.json/.md/.png")
+    s.add_argument("--param", dest="params", action="append", required=True, metavar="KEY=SPEC",
+                   help="a config key to search: loguniform:LOW:HIGH, uniform:LOW:HIGH, int:LOW:HIGH, "
+                        "choice:V1|V2|... or grid:V1,V2,... (values as for --set); repeatable")
+    s.add_argument("--trials", type=int, default=None, metavar="N",
+                   help="finished trials the sweep should hold (default with --grid: the whole grid)")
+    s.add_argument("--grid", action="store_true", help="grid search over the listed values (instead of TPE)")
+    s.add_argument("--objective", default=None, metavar="KEY",
+                   help="the dotted numeric summary.json key to optimize (default: the experiment's, if it has one)")
+    s.add_argument("--direction", choices=("minimize", "maximize"), default=None,
+                   help="whether to minimize or maximize the objective (needed with --objective)")
+    s.add_argument("--prune-on", choices=("val_metric", "val_loss", "none"), default="val_metric",
+                   help="the validation value that prunes TPE trials (default: val_metric)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every trial; repeatable")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars and per-trial lines")
+    s.add_argument("--device", default=None, help="train on this torch device, e.g. cuda (default: cpu)")
     return p
 
 
@@ -78,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             for name in EXPERIMENTS.names():
                 print(f"{name:<{width}}  {get_experiment(name).description}")
             return 0
+        if args.command == "run" and args.seeds is not None:
+            result = run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides, resume=args.resume,
+                               progress=not args.no_progress, variants=args.variants, device=_device(args.device),
+                               jobs=args.jobs)
+            print(seeds_table(result), end="")
+            print(f"results in {args.out}", file=sys.stderr)
+            return 0
         if args.command == "run":
             summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
                           progress=not args.no_progress, variants=args.variants, device=_device(args.device), jobs=args.jobs)
@@ -97,7 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(merge_runs(experiment, args.out, args.sources, ignore=args.ignore), indent=2))
             print(f"results in {args.out}", file=sys.stderr)
             return 0
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as err:
+        if args.command == "sweep":
+            from .sweep import sweep
+
+            sweep(get_experiment(args.name), args.out, args.params, trials=args.trials, grid=args.grid,
+                  objective=args.objective, direction=args.direction, overrides=args.overrides,
+                  prune_on=args.prune_on, progress=not args.no_progress, device=_device(args.device))
+            print((args.out / "sweep.md").read_text(), end="")
+            print(f"results in {args.out}", file=sys.stderr)
+            return 0
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -12,6 +12,7 @@ from .linreg_depth import LinregDepth
 from .linreg_landscape import LinregLandscape
 from .logreg_depth import LogregDepth
 from .omniglot_maml import OmniglotMAML
+from .seeds import run_seeds
 from .sinusoid import SinusoidExperiment
 from .wormhole.mnist import WormholeMNIST
 from .wormhole.threshold import WormholeThreshold
@@ -29,4 +30,4 @@ def get_experiment(name: str) -> Experiment:
     return EXPERIMENTS.make(name)
 
 
-__all__ = ["Experiment", "Variant", "EXPERIMENTS", "get_experiment", "run", "evaluate_run", "merge_runs"]
+__all__ = ["Experiment", "Variant", "EXPERIMENTS", "get_experiment", "run", "run_seeds", "evaluate_run", "merge_runs"]

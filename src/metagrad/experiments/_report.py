@@ -12,6 +12,11 @@ def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_g(value, digits: int = 4) -> str:
+    """``value`` to ``digits`` significant digits; ``"-"`` for ``None``."""
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
 def fmt_ci(mean, ci) -> str:
     """``"mean +- ci"`` (2 decimals; the mean alone without a CI); ``"diverged"`` for ``None``."""
     if mean is None:
@@ -57,3 +62,17 @@ def compare(base: dict, other: dict, key: str = "accuracy") -> dict:
     else:
         agrees = "no" if abs(g) > ci else "no (within CI)"
     return {"gain": g, "gain_ci95": ci, "paper_gain": paper_gain, "agrees": agrees}
+
+
+def numeric_leaves(tree, prefix: str = "") -> dict:
+    """Every number in a nested summary (dicts and lists), by dotted key: ``deep.post_adapt_mse``,
+    list items by index (``5-shot.mse_by_step.3``). ``None`` leaves (a mean that was not finite)
+    are kept as ``None``; strings and booleans are left out."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        number = tree is None or (isinstance(tree, (int, float)) and not isinstance(tree, bool))
+        return {prefix: tree} if number and prefix else {}
+    out = {}
+    for key, value in items:
+        out.update(numeric_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -23,6 +23,7 @@ from .base import Experiment, Variant
 class LinregDepth(Experiment):
     name = "linreg-depth"
     resume_keys = ("train.iterations",)
+    sweep_objective = ("deep.post_adapt_mse", "minimize")
     description = "Arnold et al. Fig 1 left: MAML on 1-D linear regression, Shallow (c x) vs Deep (a b x)"
 
     def default_config(self) -> dict:

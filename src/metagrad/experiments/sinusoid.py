@@ -20,6 +20,7 @@ from .base import Experiment, Variant
 class SinusoidExperiment(Experiment):
     name = "sinusoid"
     resume_keys = ("train.iterations",)
+    sweep_objective = ("5-shot.post_adapt_mse", "minimize")
     description = "Finn et al. sinusoid regression: MAML 5-shot vs 10-shot, post-adaptation MSE vs inner steps"
 
     def default_config(self) -> dict:
