@@ -18,6 +18,7 @@ MD5 = {
     "omniglot/images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd",
     "mnist/t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "mnist/t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "jester/jester-data-1.zip": "12889ac500b43c388f9f8db696574e85",
 }
 
 
@@ -82,3 +83,21 @@ def test_omniglot_maml_runs_on_real_subsets(tmp_path):
         assert s[name]["accuracy_by_step"][0] == pytest.approx(0.2, abs=0.06)  # untrained head: chance
         assert acc - ci > 0.3
     assert (tmp_path / "run" / "omniglot_maml.png").exists()
+
+
+def test_real_jester_as_the_paper_describes_it(tmp_path):
+    """Jester-1 (section 5.3): 24,983 users, 100 jokes, every user rated at least 36, ratings
+    in [-10, 10]; with the paper's filter (top 100 items, users with >= 20 of them) every user is
+    kept."""
+    from metagrad.data import Jester
+    from metagrad.tasks import user_matrix
+
+    root = _root_with("jester/jester-data-1.zip")
+    data = Jester(root, cache_dir=tmp_path)
+    assert (data.num_users, data.num_items) == (24_983, 100)
+    counts = torch.bincount(data.index[:, 0], minlength=data.num_users)
+    assert int(counts.min()) == 36 and int(counts.sum()) == len(data)
+    assert data.ratings.abs().max() <= 10
+    matrix, users, items = user_matrix(data.index, data.ratings, data.num_users, data.num_items)
+    assert matrix.shape == (24_983, 100) and len(users) == 24_983
+    assert torch.equal((~matrix.isnan()).sum(1), counts[users])

@@ -11,3 +11,8 @@ metagrad run amaml-cf --out $OUT/runs/a-maml --set dataset=jester --no-progress 
 metagrad run amaml-cf --out $OUT/runs/baselines --set dataset=jester --no-progress $(variants imaml maml fomaml reptile) > $OUT/runs/baselines.log 2>&1 &
 wait
 metagrad merge --out $OUT/jester $OUT/runs/a-maml $OUT/runs/baselines
+# What was actually run on the 2-core machine (the A-MAML process above was stopped after its
+# two 50-step variants): A-MAML's 100-step variants in a third process at 2,500 meta-iterations,
+# trained on towards 5,000 with --resume as time allowed (see README.md):
+#   metagrad run amaml-cf --out $OUT/runs/a-maml-100 --set dataset=jester --set train.iterations=2500 \
+#     --variant jester-15shot-100steps-a-maml --variant jester-20shot-100steps-a-maml
