@@ -112,7 +112,7 @@ def test_pruned_trials_stop_early_and_leave_no_summary(tmp_path):
     assert [r[-2] for r in _table_rows((out / "sweep.md").read_text())] == ["pruned", "pruned"]
 
 
-def test_sweep_continues_without_repeating_finished_trials(tmp_path):
+def test_sweep_continues_without_repeating_finished_trials(tmp_path, capsys):
     pytest.importorskip("optuna")
     out = tmp_path / "sweep"
     args = ["sweep", "linreg-depth", "--out", str(out), "--grid", "--param", "inner_lr=grid:0.05,0.1,0.2,0.5", *FAST]
@@ -129,6 +129,9 @@ def test_sweep_continues_without_repeating_finished_trials(tmp_path):
         assert _files(out / name) == files  # finished trials untouched
         assert next(t for t in trials if t["folder"] == name) == first[name]
     assert main([*args, "--trials", "5"]) == 2  # a grid has no fifth point
+    assert main([*args, "--set", "train.meta_lr=0.02"]) == 2  # another sweep: refused, nothing run
+    assert "holds a sweep with overrides" in capsys.readouterr().err
+    assert len(_read(out / "sweep.json")["trials"]) == 4
 
 
 def test_killed_trial_is_retried_in_its_folder(tmp_path):
