@@ -109,7 +109,7 @@ def test_pruned_trials_stop_early_and_leave_no_summary(tmp_path):
         folder = out / t["folder"]
         assert (folder / "shallow" / "summary.json").exists()  # trained before the watched variant
         assert not (folder / "deep" / "summary.json").exists() and not (folder / "summary.json").exists()
-    assert [r[-2] for r in _table_rows((out / "sweep.md").read_text())] == ["pruned", "pruned"]
+    assert [r[-2] for r in _table_rows((out / "sweep.md").read_text())] == ["pruned at iteration 10"] * 2
 
 
 def test_sweep_continues_without_repeating_finished_trials(tmp_path, capsys):

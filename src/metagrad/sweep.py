@@ -490,32 +490,45 @@ def _table(result: dict, params: list[Param]) -> str:
     header = ["trial", result["objective"], *(p.key for p in params), "state", "folder"]
     body = [[r["number"], "diverged" if r.get("diverged") else fmt_g(r["objective"], 6),
              *(_show(r["params"][p.key]) if p.key in r["params"] else "-" for p in params),
-             r["state"] + (f" (retried: trial {r['retried_by']})" if "retried_by" in r else ""), r["folder"] or "-"]
+             _state(r), r["folder"] or "-"]
             for r in result["trials"]]
     return "\n".join(lines + md_table(header, body)) + "\n"
+
+
+def _state(row: dict) -> str:
+    if "retried_by" in row:
+        return f"{row['state']} (retried: trial {row['retried_by']})"
+    if "pruned_at_iteration" in row:
+        return f"pruned at iteration {row['pruned_at_iteration']}"
+    return row["state"]
 
 
 def _plot_sweep(result: dict, params: list[Param], path: Path) -> None:
     """The objective of every complete trial against each parameter, the best one in red."""
     done = [r for r in result["trials"] if r["objective"] is not None]
-    fig, axes = _plot.figure(ncols=len(params), figsize=(3.6 * len(params), 3.2), squeeze=False)
+    ys = [r["objective"] for r in done]
+    fig, axes = _plot.figure(ncols=len(params), figsize=(3.6 * len(params), 3.2), squeeze=False, sharey=True)
     for ax, p in zip(axes[0], params):
         if p.is_list and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p.values):
             labels = [_show(v) for v in p.values]
             xs = [labels.index(_show(r["params"][p.key])) for r in done]
             ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         else:
             xs = [r["params"][p.key] for r in done]
             low, high = (p.low, p.high) if not p.is_list else (min(p.values), max(p.values))
             if p.kind == "loguniform" or (p.is_list and low > 0 and high >= 10 * low):
                 ax.set_xscale("log")
-        ys = [r["objective"] for r in done]
+                ax.xaxis.set_minor_formatter("")  # no labels crowding the decades
         ax.scatter(xs, ys, color="black", s=18)
         if done:
             ax.scatter(xs[:1], ys[:1], color="red", s=30, label="best")  # rows are sorted, best first
-            ax.legend()
         ax.set_xlabel(p.key)
-        ax.set_ylabel(result["objective"])
+    if ys and min(ys) > 0 and max(ys) > 10 * min(ys):
+        axes[0][0].set_yscale("log")
+    axes[0][0].set_ylabel(result["objective"])
+    if done:
+        axes[0][0].legend()
     fig.suptitle(f"{result['experiment']} sweep ({result['direction']})")
     _plot.save_figure(fig, path)
     _plot.close(fig)
