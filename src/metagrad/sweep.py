@@ -50,7 +50,7 @@ from .config import _parse_value, _split_override
 from .experiments import Experiment, run
 from .experiments.base import _dotted
 from .experiments import _plot
-from .experiments._report import fmt_g, md_table, numeric_leaves, write_text
+from .experiments._report import fmt_g, fmt_overrides, md_table, numeric_leaves, write_text
 
 KINDS = ("loguniform", "uniform", "int", "choice", "grid")
 DIRECTIONS = ("minimize", "maximize")
@@ -484,8 +484,7 @@ def _table(result: dict, params: list[Param]) -> str:
              f"{how}; trials: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ". Parameters: "
              + ", ".join(f"`{p.text}`" for p in params) + "."]
     if result["overrides"]:
-        lines[-1] += " Overrides: " + ", ".join(f"`{k}={_encode(v) if not isinstance(v, str) else v}`"
-                                                for k, v in result["overrides"]) + "."
+        lines[-1] += " Overrides: " + fmt_overrides(result["overrides"]) + "."
     lines.append("")
     header = ["trial", result["objective"], *(p.key for p in params), "state", "folder"]
     body = [[r["number"], "diverged" if r.get("diverged") else fmt_g(r["objective"], 6),

@@ -24,6 +24,13 @@ def fmt_ci(mean, ci) -> str:
     return f"{mean:.2f} +- {ci:.2f}" if ci is not None else f"{mean:.2f}"
 
 
+def fmt_overrides(pairs) -> str:
+    """``(key, value)`` config overrides as the ``--set`` arguments that make them, in backticks."""
+    import json
+
+    return ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}`" for k, v in pairs)
+
+
 def md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._io import read_json, write_json
 from ..config import _split_override
-from ._report import fmt_g, md_table, numeric_leaves, write_text
+from ._report import fmt_g, fmt_overrides, md_table, numeric_leaves, write_text
 from .base import Experiment, _longer, _selected, run
 
 PLAN = "seeds.json"
@@ -122,7 +122,7 @@ def seeds_table(result: dict) -> str:
              "Mean over seeds and the half-width of its 95% confidence interval (t-distribution, n - 1 "
              "degrees of freedom); n: seeds with a finite value.", ""]
     if result["overrides"]:
-        lines += ["Overrides: " + ", ".join(f"`{k}={v}`" for k, v in result["overrides"]), ""]
+        lines += ["Overrides: " + fmt_overrides(result["overrides"]), ""]
     lines += md_table(["key", "mean", "95% CI", "n", *(f"seed {s}" for s in seeds)],
                       ([key, fmt_g(a["mean"]), fmt_g(a["ci95"]), a["n"], *map(fmt_g, a["values"])]
                        for key, a in result["aggregate"].items()))
