@@ -55,7 +55,7 @@ def test_run_then_eval(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "nope", "--out", "X"], "valid: amaml-regression, arnold-depth, arnold-table1, arnold-table2, arnold-table3, linnet-collapse, linreg-depth, linreg-landscape, logreg-depth, omniglot-maml, sinusoid, wormhole-mnist, wormhole-threshold, wormhole-wavelet"),
+    (["run", "nope", "--out", "X"], "valid: amaml-cf, amaml-regression, arnold-depth, arnold-table1, arnold-table2, arnold-table3, linnet-collapse, linreg-depth, linreg-landscape, logreg-depth, omniglot-maml, sinusoid, wormhole-mnist, wormhole-threshold, wormhole-wavelet"),
     (["run", "linreg-depth", "--out", "X", "--set", "train.iterationz=3"], "train.iterationz"),
     (["run", "linreg-depth", "--out", "X", "--set", "inner_lr=fast"], "inner_lr"),
     (["run", "linreg-depth", "--out", "X", "--set", "noequals"], "key=value"),
