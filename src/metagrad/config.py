@@ -6,16 +6,21 @@ import json
 from typing import Any, Iterable, Mapping
 
 
-def flat_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """All dotted leaf keys of a nested config."""
-    keys = []
+def flat_items(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The leaves of a nested config by dotted key (``{"train.iterations": 1000, ...}``)."""
+    items: dict[str, Any] = {}
     for k, v in config.items():
         path = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            keys.extend(flat_keys(v, path + "."))
+            items.update(flat_items(v, path + "."))
         else:
-            keys.append(path)
-    return keys
+            items[path] = v
+    return items
+
+
+def flat_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a nested config."""
+    return list(flat_items(config, prefix))
 
 
 def _parse_value(text: str) -> Any:

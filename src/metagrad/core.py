@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .backend import Backend, make_backend
 from .gradients import MetaGradient, make_meta_gradient
 from .gradients.base import map_tasks
@@ -158,33 +159,55 @@ class MetaLearner(nn.Module):
         _check_finite(result.losses[None], "inner")
         return {**dict(self.model.named_buffers()), **result.params()}
 
-    def meta_gradient_of(self, batch: TaskBatch, *, vectorize: bool | None = None):
+    def meta_gradient_of(self, batch: TaskBatch, *, vectorize: bool | None = None, group=distributed.AUTO):
         """The meta-gradient averaged over the tasks of ``batch``.
 
         Returns ``(grads, stats)``: ``grads`` mirrors :meth:`meta_parameters`; ``stats`` holds
         ``meta_objective`` (scalar), ``query_loss`` ``[tasks]`` and ``inner_loss``
         ``[tasks, steps]``. Raises ``ValueError`` naming the step and task of a non-finite inner
         loss.
+
+        ``group``: a ``torch.distributed`` process group (default: the default group when
+        ``torchrun`` started this process and it is initialized, see :mod:`metagrad.distributed`;
+        ``None``: this process alone). With two or more processes, ``batch`` is this rank's share
+        of the meta-batch (e.g. :func:`metagrad.distributed.shard`) and everything returned is
+        global: the gradients and ``meta_objective`` are averaged over every rank's tasks
+        (``all_reduce``, weighted by each rank's task count), and ``query_loss`` / ``inner_loss``
+        hold every rank's tasks in rank order, so they equal the values of one process given the
+        whole meta-batch, up to the order of floating-point sums. Every rank of the group must
+        call it.
         """
         batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
         meta_params = self._detached_meta_parameters()
-        grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, batch, vectorize)
+
+        def compute():
+            grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, batch, vectorize)
+            return (grads, objective.detach()), aux
+
+        (grads, objective), aux = distributed.task_mean(compute, batch.num_tasks, distributed.resolve(group))
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():
             task = int(bad.nonzero()[0])
             raise ValueError(f"non-finite query loss {aux['query_loss'][task].item()} after adaptation of task {task}")
-        return grads, {"meta_objective": objective.detach(), **aux}
+        return grads, {"meta_objective": objective, **aux}
 
-    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer, *, vectorize: bool | None = None):
+    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer, *, vectorize: bool | None = None,
+                  group=distributed.AUTO):
         """One outer update: set ``.grad`` of every meta-parameter from :meth:`meta_gradient_of`
-        and call ``optimizer.step()``. Returns the stats of :meth:`meta_gradient_of`."""
-        grads, stats = self.meta_gradient_of(batch, vectorize=vectorize)
+        and call ``optimizer.step()``. Returns the stats of :meth:`meta_gradient_of`.
+
+        With a process group of two or more (``group``, as for :meth:`meta_gradient_of`), ``batch``
+        is this rank's share of the meta-batch; every rank sets the same averaged gradient and
+        steps its own copy of the same optimizer, so the meta-parameters stay equal on all ranks
+        (they must start equal: :func:`metagrad.train.fit` sends rank 0's to the others).
+        """
+        grads, stats = self.meta_gradient_of(batch, vectorize=vectorize, group=group)
         live = self.meta_parameters()
-        for group, tensors in live.items():
+        for group_name, tensors in live.items():
             for name, p in tensors.items():
-                p.grad = grads[group][name].detach().clone()
+                p.grad = grads[group_name][name].detach().clone()
         optimizer.step()
         return stats
 

@@ -9,7 +9,9 @@ A run directory holds::
     summary.json     held-out evaluation: mean and 95% CI of loss/metric after each inner step
 
 Resuming from ``checkpoint.pt`` continues the same run: on the same machine and seed the final
-parameters and metrics are bitwise those of an uninterrupted run.
+parameters and metrics are bitwise those of an uninterrupted run. Under ``torchrun`` the ranks
+share every meta-batch (:mod:`metagrad.distributed`) and rank 0 alone writes the run directory;
+a checkpoint resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._io import atomic_open, write_json
 from .core import MetaLearner
 from .metrics import mean_ci95
@@ -74,31 +77,48 @@ def _validate(cfg: dict) -> dict:
     return cfg
 
 
-def _draw(family, n: int, gen: torch.Generator, device) -> TaskBatch:
-    """``n`` tasks from ``family`` (drawn with the CPU generator ``gen``, so a seed gives the same
-    tasks on every device), moved to ``device`` when one is given."""
-    batch = family.sample(n, generator=gen)
+def _draw(family, n: int, gen: torch.Generator, device, group=None) -> TaskBatch:
+    """``n`` tasks from ``family``, drawn with the CPU generator ``gen`` (so a seed gives the same
+    tasks on every device and every rank), then this rank's share of them
+    (:func:`metagrad.distributed.shard`), moved to ``device`` when one is given."""
+    batch = distributed.shard(family.sample(n, generator=gen), group)
     return batch if device is None else TaskBatch(*batch).to(device)
 
 
+def _evaluate(learner: MetaLearner, batch: TaskBatch, group, device, steps: int | None = None) -> dict:
+    """``learner.evaluate`` of every task of ``batch`` (drawn whole on every rank): each rank
+    adapts to its share and the values are gathered, in task order. A batch with fewer tasks
+    than ranks is evaluated whole on every rank."""
+    if distributed.world_size(group) > batch.num_tasks:
+        group = None
+    part = distributed.shard(batch, group)
+    out = learner.evaluate(part if device is None else TaskBatch(*part).to(device), steps=steps)
+    return distributed.gather_tasks(out, distributed.shard_counts(batch.num_tasks, group), group)
+
+
 def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, batch: int = 500,
-                   steps: int | None = None, device: str | torch.device | None = None) -> dict:
+                   steps: int | None = None, device: str | torch.device | None = None,
+                   group=distributed.AUTO) -> dict:
     """Evaluate on ``num_tasks`` tasks drawn from ``family`` with a fixed seed.
 
     ``device``: where the tasks are moved before evaluation (the learner must be there already);
-    ``None`` leaves them where ``family`` makes them.
+    ``None`` leaves them where ``family`` makes them. ``group``: a process group
+    (:mod:`metagrad.distributed`; default: the default group if initialized) whose ranks share
+    the tasks of each chunk and gather the results: every rank of it must call this, and every
+    rank gets the result one process would compute.
 
     Returns ``{"loss": {"mean", "ci95", "by_step", "diverged"}, "metric": {...}}`` where the mean
     and CI are after the final inner step, ``by_step`` lists the mean after 0..steps steps and
     ``diverged`` counts tasks whose final value is not finite. Means over values that are not all
     finite are reported as ``None`` (JSON null).
     """
+    group = distributed.resolve(group)
     gen = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {}
     done = 0
     while done < num_tasks:
         n = min(batch, num_tasks - done)
-        out = learner.evaluate(_draw(family, n, gen, device), steps=steps)
+        out = _evaluate(learner, family.sample(n, generator=gen), group, device, steps)
         for k, v in out.items():
             chunks.setdefault(k, []).append(v)
         done += n
@@ -150,7 +170,7 @@ def load_checkpoint(path: Path) -> dict:
 def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
         resume: bool = False, progress: bool = True, desc: str | None = None,
         device: str | torch.device | None = None, position: int | None = None,
-        on_validate: Callable[[dict], None] | None = None) -> dict:
+        on_validate: Callable[[dict], None] | None = None, group=distributed.AUTO) -> dict:
     """Meta-train ``learner`` on tasks from ``train_family``; evaluate on ``eval_family``.
 
     Args:
@@ -169,42 +189,71 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         on_validate: called with each validation record of the training loop (``iteration``,
             ``val_loss`` and, where the learner has a metric, ``val_metric``; ``None`` where not
             finite) once it is logged, e.g. to report it to a hyperparameter search; an exception
-            it raises stops training (the last checkpoint stays, for ``resume``).
+            it raises stops training (the last checkpoint stays, for ``resume``). With several
+            processes it runs on rank 0, and its exception stops every rank.
+        group: a ``torch.distributed`` process group to train data-parallel in (default: the
+            default group when ``torchrun`` started this process and it is initialized; ``None``:
+            this process alone; see :mod:`metagrad.distributed`). Every rank calls ``fit`` with
+            the same config (a rank whose config differs makes every rank raise ``ValueError``),
+            draws every meta-batch whole from the same seeded generator and meta-trains on its
+            share of the tasks (:meth:`~metagrad.MetaLearner.meta_step`); validation and the final
+            evaluation are shared the same way. So the run is that of one process, up to the
+            order of floating-point sums. Rank 0 alone reads and writes ``run_dir`` (and shows
+            the progress bar), and sends the learner's starting state (the checkpoint's, when
+            resuming) to the others, so their folders need not exist and a checkpoint written
+            by any number of processes resumes with any other number.
 
     Returns the summary also written to ``run_dir/summary.json``.
     """
+    group = distributed.resolve(group)
     cfg = _validate(dict(cfg))
+    distributed.check_same(cfg, group, what="training config")
+    main = distributed.is_main(group)
     if device is not None:
         device = torch.device(device)
         learner.to(device)
     run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg)
 
+    def prepare() -> dict | None:
+        """Rank 0: the run folder, and the state every rank starts from (``None``: as it is)."""
+        if ckpt_path.exists() and not resume:
+            raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg)
+        state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+        _write_metrics(run_dir, [] if state is None else state["metrics"])
+        if state is None and group is not None:  # every rank starts from rank 0's parameters
+            state = {"learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}
+        return state
+
+    state = distributed.on_main(prepare, group)
     optimizer = make_optimizer(learner.parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg["seed"])
     val_gen = torch.Generator().manual_seed(cfg["seed"] + 10_007)
-    val_batch = _draw(eval_family, cfg["val_tasks"], val_gen, device)
+    val_batch = eval_family.sample(cfg["val_tasks"], generator=val_gen)
     records: list[dict] = []
     start = 0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+    if state is not None:
         learner.load_state_dict(state["learner"])
+    if state is not None and "iteration" in state:
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         records = state["metrics"]
         start = state["iteration"]
-    _write_metrics(run_dir, records)
 
     def validate(iteration: int) -> dict:
-        out = learner.evaluate(val_batch)
+        out = _evaluate(learner, val_batch, group, device)
         rec = {"iteration": iteration, "val_loss": _finite_or_none(out["loss"][:, -1].mean())}
         if "metric" in out:
             rec["val_metric"] = _finite_or_none(out["metric"][:, -1].mean())
         return rec
+
+    def log(new: list[dict]) -> None:
+        records.extend(new)
+        if main and new:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
 
     def checkpoint(iteration: int) -> None:
         save_checkpoint(ckpt_path, {
@@ -218,44 +267,36 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         _write_metrics(run_dir, records)
 
     if start == 0:
-        records.append(validate(0))
-    log = open(run_dir / "metrics.jsonl", "a")
-    try:
-        bar = tqdm(range(start, cfg["iterations"]), initial=start, total=cfg["iterations"],
-                   desc=desc or run_dir.name, disable=not progress, leave=False, dynamic_ncols=True,
-                   position=position)
-        for i in bar:
-            it = i + 1
-            stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device), optimizer)
-            new = []
-            if it % cfg["log_every"] == 0 or it == cfg["iterations"]:
-                new.append({"iteration": it, "meta_objective": stats["meta_objective"].item(),
-                            "query_loss": stats["query_loss"].mean().item()})
-                bar.set_postfix(query_loss=f"{new[-1]['query_loss']:.4g}", refresh=False)
-            if it % cfg["eval_every"] == 0 or it == cfg["iterations"]:
-                new.append(validate(it))
+        log([validate(0)])
+    bar = tqdm(range(start, cfg["iterations"]), initial=start, total=cfg["iterations"],
+               desc=desc or run_dir.name, disable=not (progress and main), leave=False, dynamic_ncols=True,
+               position=position)
+    for i in bar:
+        it = i + 1
+        stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device, group), optimizer,
+                                  group=group)
+        new = []
+        if it % cfg["log_every"] == 0 or it == cfg["iterations"]:
+            new.append({"iteration": it, "meta_objective": stats["meta_objective"].item(),
+                        "query_loss": stats["query_loss"].mean().item()})
+            bar.set_postfix(query_loss=f"{new[-1]['query_loss']:.4g}", refresh=False)
+        if it % cfg["eval_every"] == 0 or it == cfg["iterations"]:
+            new.append(validate(it))
+        log(new)
+        if it % cfg["checkpoint_every"] == 0 or it == cfg["iterations"]:
+            distributed.on_main(lambda: checkpoint(it), group)
+        if on_validate is not None:
             for rec in new:
-                records.append(rec)
-                log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if it % cfg["checkpoint_every"] == 0 or it == cfg["iterations"]:
-                log.close()
-                checkpoint(it)
-                log = open(run_dir / "metrics.jsonl", "a")
-            if on_validate is not None:
-                for rec in new:
-                    if "val_loss" in rec:
-                        on_validate(rec)
-        bar.close()
-    finally:
-        log.close()
-    if start >= cfg["iterations"] and not ckpt_path.exists():
-        checkpoint(cfg["iterations"])
+                if "val_loss" in rec:
+                    distributed.on_main(lambda: on_validate(rec), group)
+    bar.close()
+    if start >= cfg["iterations"]:
+        distributed.on_main(lambda: ckpt_path.exists() or checkpoint(cfg["iterations"]), group)
 
     summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
-                             batch=cfg["eval_batch"], device=device)
+                             batch=cfg["eval_batch"], device=device, group=group)
     summary["iterations"] = cfg["iterations"]
     if device is not None:
         summary["device"] = str(device)
-    write_json(run_dir / "summary.json", summary)
+    distributed.on_main(lambda: write_json(run_dir / "summary.json", summary), group)
     return summary

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .. import distributed
+from .._errors import prefixed
 from .._io import _umask, read_json, write_json
 from ..config import apply_overrides, _split_override
 from ..core import MetaLearner
@@ -114,7 +116,8 @@ def _selected(experiment: Experiment, config: dict, names: list[str] | None = No
 
 
 def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bool = False,
-        progress: bool = True, variants=None, device=None, jobs: int = 1, on_validate=None) -> dict:
+        progress: bool = True, variants=None, device=None, jobs: int = 1, on_validate=None,
+        group=distributed.AUTO) -> dict:
     """Run (or resume) an experiment into ``out_dir``; returns its summary.
 
     ``device``: train and evaluate there (``"cuda"``, ``"cuda:1"``; default: the CPU). It is not
@@ -136,41 +139,79 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
 
     ``on_validate``: called as ``on_validate(variant_name, record)`` with each validation record
     of the training loops (see :func:`~metagrad.train.fit`); only with ``jobs=1``.
+
+    ``group``: a ``torch.distributed`` process group (default: the default group when
+    ``torchrun`` started this process and it is initialized; ``None``: this process alone; see
+    :mod:`metagrad.distributed`). Its ranks train each variant data-parallel
+    (:func:`~metagrad.train.fit`), which gives the results of one process up to the order of
+    floating-point sums; rank 0 alone reads and writes ``out_dir`` and writes the report, and
+    every rank returns the summary. Every rank must be started with the same arguments: if one
+    differs (or resolves to another config), every rank raises ``ValueError`` naming it. ``jobs``
+    must then be 1. A CUDA ``device`` without an index means ``cuda:LOCAL_RANK`` there.
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if on_validate is not None and jobs > 1:
         raise ValueError(f"on_validate needs jobs=1 (a callback does not reach worker processes), got jobs={jobs}")
+    group = distributed.resolve(group)
+    if group is not None and jobs > 1:
+        raise ValueError(f"jobs={jobs} cannot be combined with a data-parallel run over {distributed.world_size(group)} "
+                         f"processes (torchrun): each variant already trains on all of them; use jobs=1")
+    device = distributed.local_device(device)
     out_dir = Path(out_dir)
-    cfg_path = out_dir / "config.json"
-    if resume:
-        if not cfg_path.exists():
-            raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
-        if variants:
-            raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
-        config = read_json(cfg_path)
-        if config.get("experiment") != experiment.name:
-            raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
-        config = _longer(experiment, config, overrides)
-    else:
+    overrides = list(overrides)
+    if group is not None:
+        _check_same_request(experiment, overrides, resume, variants, group)
+
+    def prepare() -> dict:
+        """Rank 0: the run's config (``config.json`` when resuming); checks the folder."""
+        cfg_path = out_dir / "config.json"
+        if resume:
+            if not cfg_path.exists():
+                raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
+            if variants:
+                raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
+            config = read_json(cfg_path)
+            if config.get("experiment") != experiment.name:
+                raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
+            return _longer(experiment, config, overrides)
         config = experiment.resolve(overrides)
         if variants:
             config["only"] = list(variants)
         if cfg_path.exists():
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
+        return config
+
+    def write_config() -> None:
+        if not resume:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or overrides:
+            write_json(out_dir / "config.json", config)
+
+    config = distributed.on_main(prepare, group)
     every = list(experiment.variants(config))  # checks data and options before anything is written
     names = _selected(experiment, config, every)
-    if not resume:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or overrides:
-        write_json(cfg_path, config)
+    distributed.on_main(write_config, group)
     if jobs > 1 and len(names) > 1:
         results = _train_parallel(experiment, config, names, out_dir, jobs, resume=resume, progress=progress,
                                    device=device)
     else:
         results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
-                                        device=device, on_validate=on_validate) for name in names}
-    return _write_report(experiment, config, results, out_dir, partial=len(names) < len(every))
+                                        device=device, on_validate=on_validate, group=group) for name in names}
+    return distributed.on_main(
+        lambda: _write_report(experiment, config, results, out_dir, partial=len(names) < len(every)), group)
+
+
+def _check_same_request(experiment: Experiment, overrides: list, resume: bool, variants, group) -> None:
+    """Raise ``ValueError`` on every rank of ``group`` unless all were asked the same: experiment,
+    resume, variants and the config their overrides resolve to (an invalid override's message
+    stands in for the config)."""
+    try:
+        resolved = experiment.resolve(overrides)
+    except (ValueError, TypeError) as err:
+        resolved = {"invalid": str(err)}
+    distributed.check_same({"experiment": experiment.name, "resume": resume, "variants": variants,
+                            "config": resolved}, group, what="command (experiment, config, --resume, --variant)")
 
 
 def _longer(experiment: Experiment, config: dict, overrides) -> dict:
@@ -212,13 +253,14 @@ def _without(config: dict, keys) -> dict:
 
 
 def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Path, *, resume: bool,
-                   progress: bool, device=None, position: int | None = None, on_validate=None) -> dict:
-    """Build and fit one variant into ``out_dir / name``; returns its summary."""
+                   progress: bool, device=None, position: int | None = None, on_validate=None,
+                   group=None) -> dict:
+    """Build and fit one variant into ``out_dir / name`` (data-parallel over ``group``); returns its summary."""
     variant = build_variant(experiment, config, name)
     return fit(variant.learner, variant.train_family, variant.eval_family, variant.train, out_dir / name,
                resume=resume, progress=progress, desc=f"{experiment.name}:{name}", device=device,
                position=position,
-               on_validate=None if on_validate is None else functools.partial(on_validate, name))
+               on_validate=None if on_validate is None else functools.partial(on_validate, name), group=group)
 
 
 _WORKER: dict = {}  # in a worker process of _train_parallel: its progress-bar line
@@ -256,18 +298,10 @@ def _train_parallel(experiment: Experiment, config: dict, names: list[str], out_
                 try:
                     results[name] = pending.pop(name).get()
                 except Exception as err:  # the pool's exit terminates the other workers
-                    raise _naming_variant(err, name) from err
+                    raise prefixed(err, f"variant {name!r}: ") from err
             if pending:
                 time.sleep(0.2)
     return {name: results[name] for name in names}
-
-
-def _naming_variant(err: Exception, name: str) -> Exception:
-    """``err`` again, its message prefixed with the variant's name where its type allows."""
-    try:
-        return type(err)(f"variant {name!r}: {err}")
-    except Exception:
-        return err
 
 
 def _write_report(experiment: Experiment, config: dict, results: dict, out_dir: Path, *, partial: bool) -> dict:
