@@ -1,11 +1,17 @@
-"""The ``metagrad`` command line: ``list``, ``run``, ``eval``, ``merge``, ``sweep``."""
+"""The ``metagrad`` command line: ``list``, ``run``, ``eval``, ``merge``, ``sweep``.
+
+``torchrun --nproc-per-node N -m metagrad run NAME --out DIR ...`` trains data-parallel over N
+processes (:mod:`metagrad.distributed`): the same results as one process, rank 0 writes ``DIR``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
 from .experiments.seeds import run_seeds, seeds_table
 from ._io import read_json
@@ -95,9 +101,24 @@ def _experiment_of(run_dir: Path):
     return get_experiment(read_json(cfg_path)["experiment"])
 
 
+def _start_distributed(args) -> bool:
+    """Under ``torchrun`` with several processes (``WORLD_SIZE`` > 1): refuse what does not run
+    data-parallel, else start the default process group (``gloo``; ``nccl`` with ``--device
+    cuda``). Returns whether it started one."""
+    if not distributed.launched() or args.command == "list":
+        return False
+    if args.command != "run" or args.seeds is not None:
+        what = "--seeds" if args.command == "run" else f"metagrad {args.command}"
+        raise ValueError(f"{what} runs in one process: start it without torchrun (WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}); only `metagrad run` trains data-parallel over torchrun's processes")
+    return distributed.init_from_env(_device(args.device))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    started = False
     try:
+        started = _start_distributed(args)
         if args.command == "list":
             width = max(len(n) for n in EXPERIMENTS.names())
             for name in EXPERIMENTS.names():
@@ -113,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
                           progress=not args.no_progress, variants=args.variants, device=_device(args.device), jobs=args.jobs)
-            print(json.dumps(summary, indent=2))
-            print(f"results in {args.out}", file=sys.stderr)
+            if distributed.is_main(distributed.resolve()):
+                print(json.dumps(summary, indent=2))
+                print(f"results in {args.out}", file=sys.stderr)
             return 0
         if args.command == "eval":
             if args.tasks is not None and args.tasks < 1:
@@ -141,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if started:
+            distributed.shutdown()
     return 1
 
 

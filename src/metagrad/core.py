@@ -177,15 +177,15 @@ class MetaLearner(nn.Module):
         whole meta-batch, up to the order of floating-point sums. Every rank of the group must
         call it.
         """
-        batch = _as_batch(batch)
         vectorize = self.vectorize if vectorize is None else vectorize
         meta_params = self._detached_meta_parameters()
 
         def compute():
-            grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, batch, vectorize)
-            return (grads, objective.detach()), aux
+            tasks = _as_batch(batch)
+            grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, tasks, vectorize)
+            return tasks.num_tasks, (grads, objective.detach()), aux
 
-        (grads, objective), aux = distributed.task_mean(compute, batch.num_tasks, distributed.resolve(group))
+        (grads, objective), aux = distributed.task_mean(compute, distributed.resolve(group))
         _check_finite(aux["inner_loss"], "inner")
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():

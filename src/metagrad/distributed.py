@@ -24,6 +24,7 @@ environment variables that ``torchrun`` sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -88,6 +89,10 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     cuda = device is not None and torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(local_device(device))
+    # torch.func imports torch._dynamo on first use; imported after the group exists, it keeps
+    # references to it (torch 2.13) that outlive destroy_process_group, and the group's destructor
+    # then aborts the process at exit ("terminate called without an active exception")
+    import torch._dynamo  # noqa: F401
     dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
     return True
 
@@ -96,6 +101,7 @@ def shutdown() -> None:
     """Destroy the default process group, if there is one."""
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # frames of a handled error may still hold the group (a reference cycle)
         dist.destroy_process_group()
 
 
@@ -218,22 +224,24 @@ def gather_tasks(tree, counts: list[int], group):
     return _tree_unflatten(out, spec)
 
 
-def task_mean(compute: Callable[[], tuple[Any, Any]], num_tasks: int, group):
-    """Run ``compute() -> (means, per_task)`` on this rank's ``num_tasks`` tasks; return the means
-    over every rank's tasks (weighted by task count: the single-process mean) and every rank's
-    per-task values (:func:`gather_tasks`).
+def task_mean(compute: Callable[[], tuple[int, Any, Any]], group):
+    """Run ``compute() -> (num_tasks, means, per_task)`` on this rank's tasks; return the means over
+    every rank's tasks (weighted by task count: the mean one process computes) and every rank's
+    per-task values in rank order (:func:`gather_tasks`).
 
-    ``means``: tensors averaged over this rank's tasks (e.g. the meta-gradient and objective);
-    ``per_task``: tensors ``[num_tasks, ...]``. If ``compute`` raises on any rank, every rank
-    raises that error (the first failing rank's), prefixed with the rank and its tasks.
+    ``means``: tensors averaged over this rank's ``num_tasks`` tasks (e.g. the meta-gradient and
+    objective); ``per_task``: tensors ``[num_tasks, ...]``. If ``compute`` raises on any rank
+    (bad input, a solver failure), every rank raises that error, the first failing rank's,
+    prefixed with the rank and where its tasks start, instead of waiting for it.
     """
     if group is None:
-        return compute()
+        _, means, per_task = compute()
+        return means, per_task
     failure = None
     try:
-        means, per_task = compute()
+        num_tasks, means, per_task = compute()
     except Exception as err:  # the other ranks are waiting for this one in the collectives
-        failure = err
+        failure, num_tasks = err, 0
     dist = _dist()
     mine = torch.tensor([num_tasks, failure is not None], dtype=torch.int64, device=_collective_device(group))
     every = [torch.empty_like(mine) for _ in range(world_size(group))]
@@ -243,8 +251,7 @@ def task_mean(compute: Callable[[], tuple[Any, Any]], num_tasks: int, group):
         errors = [None] * len(counts)
         dist.all_gather_object(errors, None if failure is None else portable(failure), group=group)
         r = next(i for i, e in enumerate(errors) if e is not None)
-        lo = sum(counts[:r])
-        err = prefixed(errors[r], f"rank {r} (tasks {lo}..{lo + counts[r] - 1} of the meta-batch): ")
+        err = prefixed(errors[r], f"rank {r} (its tasks start at task {sum(counts[:r])} of the meta-batch): ")
         raise err from failure
     return _average(means, counts, group), gather_tasks(per_task, counts, group)
 
