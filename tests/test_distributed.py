@@ -101,6 +101,7 @@ def _worker(out: Path) -> None:
         pass
     result["resumed-2"] = _fit(out / "stopped-1" if rank == 0 else out / "rank1-writes-nothing", group, resume=True)
     result["fit-differs"] = _error(lambda: _fit(out / "differs", group, cfg={"iterations": 4 + rank}))
+    result["fit-invalid"] = _error(lambda: _fit(out / "differs", group, cfg={"iterations": 4 - 5 * rank}))
     sinusoid = experiments.get_experiment("sinusoid")
     result["run-differs"] = _error(lambda: experiments.run(sinusoid, out / "run-differs",
                                                            [f"train.iterations={3 + rank}"], progress=False))
@@ -210,6 +211,8 @@ def test_a_rank_with_another_config_fails_fast_on_every_rank(launched):
         assert res["fit-differs"] == ranks[0]["fit-differs"]
         assert "training config differs between the 2 processes" in res["fit-differs"]
         assert "rank 1: iterations=5 where rank 0 has 4" in res["fit-differs"]
+        assert ("rank 1: invalid='ValueError: iterations must be a positive integer, got -1' where rank 0 has "
+                "<missing>") in res["fit-invalid"]  # one rank's bad config: every rank fails, none waits
         assert "rank 1: config.train.iterations=4 where rank 0 has 3" in res["run-differs"]
         assert "jobs=2 cannot be combined with a data-parallel run over 2 processes" in res["run-jobs"]
     assert not (out / "differs").exists() and not (out / "run-differs").exists()

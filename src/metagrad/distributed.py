@@ -13,8 +13,8 @@ meta-gradient needs none. Per-task values (query losses, inner losses, evaluatio
 gathered in rank order (:func:`gather_tasks`), so they too are the values of one process.
 
 Rank 0 alone reads and writes run folders (:func:`on_main` runs a function there and hands its
-result, or its exception, to every rank); :func:`check_same` makes ranks started with different
-configs fail at once, each with the same message.
+result, or its exception, to every rank); :func:`check_same` and :func:`agree` make ranks started
+with different configs fail at once, each with the same message.
 
 A process group argument ``group`` takes :data:`AUTO` (the default: the default group when
 ``torch.distributed`` is initialized with more than one process, else none), a ``ProcessGroup``,
@@ -315,14 +315,33 @@ def check_same(obj, group, *, what: str = "config") -> None:
             continue
         if isinstance(other, Mapping) and isinstance(objs[0], Mapping):
             a, b = flat_items(objs[0]), flat_items(other)
-            keys = [k for k in sorted(set(a) | set(b), key=str) if a.get(k, _MISSING) != b.get(k, _MISSING)]
-            shown = "; ".join(f"{k}={b.get(k, _MISSING)!r} where rank 0 has {a.get(k, _MISSING)!r}" for k in keys[:5])
-            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
-            lines.append(f"rank {r}: {shown}{more}")
+            keys = sorted((k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING)), key=str)
+            extra = [k for k in keys if k not in a]  # what only this rank has (e.g. agree's "invalid") first
+            shown = (extra or keys)[:5]
+            text = "; ".join(f"{k}={b.get(k, _MISSING)!r} where rank 0 has {a.get(k, _MISSING)!r}" for k in shown)
+            more = f" (and {len(keys) - len(shown)} more)" if len(keys) > len(shown) else ""
+            lines.append(f"rank {r}: {text}{more}")
         else:
             lines.append(f"rank {r}: {other!r} where rank 0 has {objs[0]!r}")
     raise ValueError(f"the {what} differs between the {len(objs)} processes (start every rank with the same "
                      f"command and the same metagrad version): " + "; ".join(lines))
+
+
+def agree(fn: Callable[[], Any], group, *, what: str = "config"):
+    """``fn()`` (e.g. resolving a config), checked by :func:`check_same` to be the same on every
+    rank of ``group``, and returned. A ``ValueError`` / ``TypeError`` of ``fn`` takes part in the
+    comparison as its message, so that a rank whose input is invalid while the others' is not
+    makes every rank fail at once; ranks that agree raise it after the check."""
+    if group is None:
+        return fn()
+    try:
+        value, failure = fn(), None
+    except (ValueError, TypeError) as err:
+        value, failure = {"invalid": f"{type(err).__name__}: {err}"}, err
+    check_same(value, group, what=what)
+    if failure is not None:
+        raise failure
+    return value
 
 
 class _Missing:
@@ -334,5 +353,5 @@ _MISSING = _Missing()
 
 __all__ = [
     "AUTO", "launched", "init_from_env", "shutdown", "local_device", "resolve", "rank", "world_size", "is_main",
-    "barrier", "shard_counts", "shard", "gather_tasks", "task_mean", "on_main", "check_same",
+    "barrier", "shard_counts", "shard", "gather_tasks", "task_mean", "on_main", "check_same", "agree",
 ]

@@ -206,8 +206,7 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
     Returns the summary also written to ``run_dir/summary.json``.
     """
     group = distributed.resolve(group)
-    cfg = _validate(dict(cfg))
-    distributed.check_same(cfg, group, what="training config")
+    cfg = distributed.agree(lambda: _validate(dict(cfg)), group, what="training config")
     main = distributed.is_main(group)
     if device is not None:
         device = torch.device(device)

@@ -149,19 +149,21 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
     differs (or resolves to another config), every rank raises ``ValueError`` naming it. ``jobs``
     must then be 1. A CUDA ``device`` without an index means ``cuda:LOCAL_RANK`` there.
     """
+    group = distributed.resolve(group)
+    out_dir = Path(out_dir)
+    overrides = list(overrides)
+    if group is not None:  # every rank must be asked the same (else all fail now, with the same message)
+        distributed.agree(lambda: {"experiment": experiment.name, "resume": resume, "variants": variants, "jobs": jobs,
+                                   "config": experiment.resolve(overrides)},
+                          group, what="command (experiment, config, --resume, --variant, --jobs)")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if on_validate is not None and jobs > 1:
         raise ValueError(f"on_validate needs jobs=1 (a callback does not reach worker processes), got jobs={jobs}")
-    group = distributed.resolve(group)
     if group is not None and jobs > 1:
         raise ValueError(f"jobs={jobs} cannot be combined with a data-parallel run over {distributed.world_size(group)} "
                          f"processes (torchrun): each variant already trains on all of them; use jobs=1")
     device = distributed.local_device(device)
-    out_dir = Path(out_dir)
-    overrides = list(overrides)
-    if group is not None:
-        _check_same_request(experiment, overrides, resume, variants, group)
 
     def prepare() -> dict:
         """Rank 0: the run's config (``config.json`` when resuming); checks the folder."""
@@ -200,18 +202,6 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
                                         device=device, on_validate=on_validate, group=group) for name in names}
     return distributed.on_main(
         lambda: _write_report(experiment, config, results, out_dir, partial=len(names) < len(every)), group)
-
-
-def _check_same_request(experiment: Experiment, overrides: list, resume: bool, variants, group) -> None:
-    """Raise ``ValueError`` on every rank of ``group`` unless all were asked the same: experiment,
-    resume, variants and the config their overrides resolve to (an invalid override's message
-    stands in for the config)."""
-    try:
-        resolved = experiment.resolve(overrides)
-    except (ValueError, TypeError) as err:
-        resolved = {"invalid": str(err)}
-    distributed.check_same({"experiment": experiment.name, "resume": resume, "variants": variants,
-                            "config": resolved}, group, what="command (experiment, config, --resume, --variant)")
 
 
 def _longer(experiment: Experiment, config: dict, overrides) -> dict:
