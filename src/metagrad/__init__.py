@@ -3,7 +3,7 @@
 Four orthogonal choices make a method: the learner (which parameters adapt), the update rule,
 the meta-gradient and the schedule. :class:`MetaLearner` composes them.
 """
-from . import backend, models
+from . import backend, distributed, models
 from .core import MetaLearner, TaskModel
 from .inner import InnerProblem, InnerResult, InnerState, inner_loop
 from .gradients import (

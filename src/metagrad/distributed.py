@@ -78,6 +78,8 @@ def init_from_env(device: str | torch.device | None = None) -> bool:
     it). The backend is ``nccl`` when ``device`` is a CUDA device (each rank then uses
     ``cuda:LOCAL_RANK``), else ``gloo``. Several machines need nothing more: start ``torchrun``
     on each with ``--nnodes``, ``--node-rank`` or ``--rdzv-*`` and it sets the same variables.
+    Collectives wait for torch's default timeout (30 minutes for gloo, 10 for nccl), which also
+    bounds what rank 0 does alone meanwhile (:func:`on_main`: checkpoints, an experiment's report).
     """
     if not launched():
         return False
