@@ -21,6 +21,13 @@ A process group argument ``group`` takes :data:`AUTO` (the default: the default 
 or ``None`` (this process alone). :func:`init_from_env` starts the default group from the
 environment variables that ``torchrun`` sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``), with the ``gloo`` backend on the CPU and ``nccl`` on CUDA.
+
+Where a rank's share is not computed task by task, the result depends on the shares beyond
+rounding: the adjoint's adaptive ODE solve (``Adjoint(forward="ode")`` under ``vectorize=True``)
+shares its step sizes among the tasks of one stacked solve, so ranks agree with one process to the
+solver tolerance (exactly with ``forward="euler"`` or ``vectorize=False``); and a horizon per task
+(``Adjoint(T=tensor)``) has the length of the whole meta-batch, not of a share. If you initialize
+the process group yourself, import ``torch._dynamo`` first (see :func:`init_from_env`).
 """
 from __future__ import annotations
 
