@@ -25,8 +25,9 @@ environment variables that ``torchrun`` sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_
 Where a rank's share is not computed task by task, the result depends on the shares beyond
 rounding: the adjoint's adaptive ODE solve (``Adjoint(forward="ode")`` under ``vectorize=True``)
 shares its step sizes among the tasks of one stacked solve, so ranks agree with one process to the
-solver tolerance (exactly with ``forward="euler"`` or ``vectorize=False``); and a horizon per task
-(``Adjoint(T=tensor)``) has the length of the whole meta-batch, not of a share. If you initialize
+solver tolerance (exactly with ``forward="euler"`` or ``vectorize=False``); and horizons per task
+do not split: ``Adjoint(T=tensor)`` has the length of the whole meta-batch, not of a share, and a
+callable ``T`` sets the steps common to a share from that share's longest horizon. If you initialize
 the process group yourself, import ``torch._dynamo`` first (see :func:`init_from_env`).
 """
 from __future__ import annotations
