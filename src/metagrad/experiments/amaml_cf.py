@@ -170,20 +170,10 @@ class AmamlCF(AmamlRegression):
 
     def _validate(self, config: dict) -> None:
         self.datasets(config)
-        for key in ("shots", "queries", "long_steps", "maml_steps"):
-            v = config[key]
-            if not isinstance(v, list) or not v or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in v):
-                raise ValueError(f"{key} must be a non-empty list of positive integers, got {v!r}")
+        self._check_settings(config, ("shots", "queries", "long_steps", "maml_steps"))
         if len(config["shots"]) != len(config["queries"]) or len(config["long_steps"]) != len(config["maml_steps"]):
             raise ValueError(f"shots and queries, long_steps and maml_steps must have the same lengths, got "
                              f"{config['shots']}, {config['queries']}, {config['long_steps']}, {config['maml_steps']}")
-        for m in config["methods"]:
-            if m not in config["method_defs"]:
-                raise ValueError(f"unknown method {m!r}; defined in method_defs: {', '.join(config['method_defs'])}")
-        grid = config["eval_steps"]
-        if (not isinstance(grid, list) or not grid or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in grid)
-                or grid != sorted(set(grid))):
-            raise ValueError(f"eval_steps must be an increasing list of non-negative integers, got {grid!r}")
 
     def panels(self, config: dict) -> list[tuple[str, str, int, int, int, int]]:
         """``(panel name, dataset, shots, queries, long_steps, maml_steps)``, table by table."""

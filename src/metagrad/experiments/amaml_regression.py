@@ -149,17 +149,13 @@ class AmamlRegression(Experiment):
 
     # ------------------------------------------------------------------
     @staticmethod
-    def _validate(config: dict) -> None:
-        for key in ("shots", "long_steps", "maml_steps"):
+    def _check_settings(config: dict, lists: tuple[str, ...]) -> None:
+        """The checks both A-MAML experiments share: ``lists`` are non-empty lists of positive
+        integers, every method is defined, ``eval_steps`` is an increasing step grid."""
+        for key in lists:
             v = config[key]
             if not isinstance(v, list) or not v or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in v):
                 raise ValueError(f"{key} must be a non-empty list of positive integers, got {v!r}")
-        if not len(config["shots"]) == len(config["long_steps"]) == len(config["maml_steps"]):
-            raise ValueError(f"shots, long_steps and maml_steps must have the same length, got "
-                             f"{config['shots']}, {config['long_steps']}, {config['maml_steps']}")
-        for f in config["functions"]:
-            if f not in REGRESSION_FAMILIES:
-                raise ValueError(f"unknown function {f!r}; valid: {', '.join(REGRESSION_FAMILIES)}")
         for m in config["methods"]:
             if m not in config["method_defs"]:
                 raise ValueError(f"unknown method {m!r}; defined in method_defs: {', '.join(config['method_defs'])}")
@@ -167,6 +163,15 @@ class AmamlRegression(Experiment):
         if (not isinstance(grid, list) or not grid or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in grid)
                 or grid != sorted(set(grid))):
             raise ValueError(f"eval_steps must be an increasing list of non-negative integers, got {grid!r}")
+
+    def _validate(self, config: dict) -> None:
+        self._check_settings(config, ("shots", "long_steps", "maml_steps"))
+        if not len(config["shots"]) == len(config["long_steps"]) == len(config["maml_steps"]):
+            raise ValueError(f"shots, long_steps and maml_steps must have the same length, got "
+                             f"{config['shots']}, {config['long_steps']}, {config['maml_steps']}")
+        for f in config["functions"]:
+            if f not in REGRESSION_FAMILIES:
+                raise ValueError(f"unknown function {f!r}; valid: {', '.join(REGRESSION_FAMILIES)}")
 
     def families(self, config: dict, function: str, shots: int):
         """(meta-training family, test family) of one panel."""
