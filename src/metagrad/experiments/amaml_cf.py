@@ -28,9 +28,9 @@ report gives the mean and 95% CI over the 100 test users, the RMSE in rating uni
 test (t-test and Wilcoxon signed-rank over the 100 users) of A-MAML against each other method.
 
 ``quick=true``: Jester-1, 15shot-20val, 50 steps (MAML 5), 300 meta-iterations at Adam 1e-2,
-about 5 minutes on 2 cores with ``--jobs 2``.
+about 1 minute on 2 cores with ``--jobs 2``.
 
-Measured results: ``results/amaml-cf/README.md``.
+Measured results (Jester-1 at the paper's settings): ``results/amaml-cf/README.md``.
 """
 from __future__ import annotations
 
