@@ -169,14 +169,7 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
         """Rank 0: the run's config (``config.json`` when resuming); checks the folder."""
         cfg_path = out_dir / "config.json"
         if resume:
-            if not cfg_path.exists():
-                raise FileNotFoundError(f"nothing to resume: {cfg_path} does not exist")
-            if variants:
-                raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
-            config = read_json(cfg_path)
-            if config.get("experiment") != experiment.name:
-                raise ValueError(f"{out_dir} holds a {config.get('experiment')!r} run, not {experiment.name!r}")
-            return _longer(experiment, config, overrides)
+            return _longer(experiment, read_resumable(cfg_path, experiment, variants), overrides)
         config = experiment.resolve(overrides)
         if variants:
             config["only"] = list(variants)
@@ -202,6 +195,20 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
                                         device=device, on_validate=on_validate, group=group) for name in names}
     return distributed.on_main(
         lambda: _write_report(experiment, config, results, out_dir, partial=len(names) < len(every)), group)
+
+
+def read_resumable(path: Path, experiment: Experiment, variants=None, what: str = "run") -> dict:
+    """The JSON record ``path`` (``config.json``, a multi-seed plan) of a run to resume, checked:
+    it exists, holds an ``experiment`` run, and no ``variants`` selection is asked for (a resumed
+    run keeps its own)."""
+    if not path.exists():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    if variants:
+        raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
+    record = read_json(path)
+    if record.get("experiment") != experiment.name:
+        raise ValueError(f"{path.parent} holds a {record.get('experiment')!r} {what}, not {experiment.name!r}")
+    return record
 
 
 def _longer(experiment: Experiment, config: dict, overrides) -> dict:

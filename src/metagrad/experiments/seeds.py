@@ -22,7 +22,7 @@ from pathlib import Path
 from .._io import read_json, write_json
 from ..config import _split_override
 from ._report import fmt_g, fmt_overrides, md_table, numeric_leaves, write_text
-from .base import Experiment, _longer, _selected, run
+from .base import Experiment, _longer, _selected, read_resumable, run
 
 PLAN = "seeds.json"
 
@@ -53,13 +53,7 @@ def run_seeds(experiment: Experiment, out_dir: str | Path, seeds, overrides=(), 
     out_dir = Path(out_dir)
     plan_path = out_dir / PLAN
     if resume:
-        if not plan_path.exists():
-            raise FileNotFoundError(f"nothing to resume: {plan_path} does not exist")
-        if variants:
-            raise ValueError("--variant cannot be combined with --resume: the run's selection is kept")
-        plan = read_json(plan_path)
-        if plan.get("experiment") != experiment.name:
-            raise ValueError(f"{out_dir} holds a {plan.get('experiment')!r} multi-seed run, not {experiment.name!r}")
+        plan = read_resumable(plan_path, experiment, variants, "multi-seed run")
         base = [tuple(p) for p in plan["overrides"]]
         _longer(experiment, experiment.resolve(base), pairs)  # only resume_keys, never lowered
         variants = plan["variants"]
