@@ -119,10 +119,10 @@ def paired_tests(ours, other) -> dict:
 
 
 class AmamlCF(AmamlRegression):
+    """Inherits ``amaml-regression``'s method plumbing, ``resume_keys`` and partial reports."""
+
     name = "amaml-cf"
-    resume_keys = ("train.iterations",)
     description = "A-MAML Tables 1-2: few-shot rating prediction (Jester-1, MovieLens) from each method's initialization"
-    partial_report = True
 
     def default_config(self) -> dict:
         regression = super().default_config()
