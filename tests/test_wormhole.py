@@ -478,3 +478,27 @@ def test_clone_with_phase_steps_matches_the_engine(first_order, form):
         torch.testing.assert_close(p.grad, grads["model"][name], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="phase must be an index"):
         learner.clone().adapt(F.mse_loss(task(sx), sy), phase=1)
+
+
+def test_avg_threshold_balanced_puts_tau_at_the_support_median():
+    from metagrad.tasks import AvgThreshold
+
+    g = torch.Generator().manual_seed(1)
+    uniform = AvgThreshold().sample(2000, generator=g)
+    one_class = (uniform.support_y.sum((1, 2)) % 10 == 0).double().mean().item()
+    assert 0.5 < one_class < 0.7  # most uniform-threshold tasks have a one-class support set
+    for shots in (10, 7):
+        b = AvgThreshold(shots=shots, threshold="balanced").sample(300, generator=torch.Generator().manual_seed(2))
+        m = b.support_x.mean(-1)  # [T, shots]
+        ms = m.sort(-1).values
+        tau = (ms[:, (shots - 1) // 2] + ms[:, shots // 2]) / 2  # the support median, by hand
+        # the sign: the support point with the largest mean is labelled 1 iff s = +1
+        top = b.support_y[..., 0].gather(1, m.argmax(-1, keepdim=True))[:, 0]
+        sign = torch.where(top == 1, 1.0, -1.0)
+        for x, y in ((b.support_x, b.support_y), (b.query_x, b.query_y)):
+            expected = (sign[:, None] * x.mean(-1) > sign[:, None] * tau[:, None]).to(y.dtype)
+            assert torch.equal(y[..., 0], expected)
+        positives = b.support_y.sum((1, 2))  # balanced: shots // 2 (or, odd, one more) positives
+        assert torch.all((positives == shots // 2) | (positives == shots - shots // 2))
+    with pytest.raises(ValueError, match="threshold must be one of"):
+        AvgThreshold(threshold="median")

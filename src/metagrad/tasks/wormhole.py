@@ -13,23 +13,39 @@ import torch
 from .base import TaskBatch, _check_counts
 
 
+THRESHOLDS = ("uniform", "balanced")
+
+
 @dataclass(frozen=True)
 class AvgThreshold:
-    """The Avg-Threshold task family: ``y = 1[s mean(x) > s tau]``, ``x ~ U[0,1]^dim``."""
+    """The Avg-Threshold task family: ``y = 1[s mean(x) > s tau]``, ``x ~ U[0,1]^dim``.
+
+    ``threshold="uniform"`` (the paper's reading): ``tau ~ U[0, 1]``, so most tasks' support sets
+    hold one class only (the mean of 5 uniforms rarely strays far from 0.5). ``"balanced"``: tau
+    is the median of the task's support means (halfway between the two middle ones for an even
+    count), so every support set is half positive, half negative.
+    """
 
     shots: int = 10
     queries: int = 10
     dim: int = 5
     dtype: torch.dtype = torch.float32
+    threshold: str = "uniform"
 
     def __post_init__(self):
         _check_counts(shots=self.shots, queries=self.queries, dim=self.dim)
+        if self.threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
 
     def sample(self, num_tasks: int, *, generator: torch.Generator) -> TaskBatch:
         n = self.shots + self.queries
         tau = torch.rand((num_tasks, 1, 1), generator=generator, dtype=self.dtype)
         s = torch.randint(0, 2, (num_tasks, 1, 1), generator=generator).to(self.dtype) * 2 - 1
         x = torch.rand((num_tasks, n, self.dim), generator=generator, dtype=self.dtype)
+        if self.threshold == "balanced":
+            means = x[:, : self.shots].mean(-1).sort(-1).values  # [T, shots]
+            k = self.shots
+            tau = ((means[:, (k - 1) // 2] + means[:, k // 2]) / 2).reshape(-1, 1, 1)
         y = (s * x.mean(-1, keepdim=True) > s * tau).to(self.dtype)  # [T, n, 1]
         k = self.shots
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])

@@ -129,6 +129,7 @@ class WormholeThreshold(Experiment):
             "dim": 5,
             "shots": 10,
             "queries": 10,
+            "threshold": "uniform",  # or "balanced": tau at the support median (tasks.AvgThreshold)
             "inner_lr": 1.0,
             "steps": [1, 2, 5],
             "methods": ["vanilla", "tanh", "diag"],
@@ -148,7 +149,8 @@ class WormholeThreshold(Experiment):
         return {"epochs": 5, "train.eval_every": 100, "train.val_tasks": 200, "train.eval_tasks": 2000}
 
     def variants(self, config):
-        family = AvgThreshold(shots=config["shots"], queries=config["queries"], dim=config["dim"])
+        family = AvgThreshold(shots=config["shots"], queries=config["queries"], dim=config["dim"],
+                              threshold=config.get("threshold", "uniform"))  # runs made before the option
         iterations = config["epochs"] * config["batches_per_epoch"]
 
         def build(method, steps):
