@@ -15,10 +15,13 @@ same result). Meta-parameters are a nested dict ``{"model": {...}, "rule": {...}
 """
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from . import distributed
 from .backend import Backend, make_backend
@@ -26,7 +29,7 @@ from .gradients import MetaGradient, make_meta_gradient
 from .gradients.base import map_tasks
 from .inner import InnerProblem, InnerState, inner_loop
 from .learners import select_adapted
-from .learners.select import AdaptSpec
+from .learners.select import AdaptSpec, frozen_names
 from .rules import UpdateRule, make_rule
 from .schedule import Schedule
 from .tasks import TaskBatch
@@ -73,6 +76,17 @@ class MetaLearner(nn.Module):
         backend: how a stacked meta-batch is evaluated (:func:`metagrad.backend.make_backend`):
             ``"auto"`` (default: the fastest that applies), ``"generic"``, ``"mlp"`` or
             ``"mlp-analytic"``; the one picked is ``learner.backend`` (``.name``).
+        allow_nograd: learn2learn's flag for the object API (:meth:`clone`): whether
+            ``TaskModel.adapt`` accepts a model with frozen parameters (``requires_grad=False``),
+            leaving them unadapted; ``False`` (default, as learn2learn) raises ``ValueError`` naming
+            them. Frozen parameters are never adapted (``adapt=`` leaves them out) nor meta-trained
+            (:meth:`meta_step` gives them no ``.grad``) whatever this flag says.
+        allow_unused: learn2learn's flag for the object API: whether ``TaskModel.adapt`` accepts
+            adapted parameters the loss does not use (they get no update); otherwise it raises
+            ``ValueError`` naming them. ``None`` (default): ``allow_nograd``, as learn2learn.
+
+    Frozen parameters stay in :meth:`meta_parameters` as constants (the model is evaluated with
+    them); freeze before building the learner, since ``adapt=`` is resolved then.
 
     :attr:`problem` is the inner problem (:class:`~metagrad.InnerProblem`) that every method,
     :meth:`evaluate`, :meth:`adapt` and :meth:`clone` run. The learnable state of the rule is registered as parameters under ``rule_state``, so
@@ -92,6 +106,8 @@ class MetaLearner(nn.Module):
         metric_fn: LossFn | None = None,
         vectorize: bool = True,
         backend: str = "auto",
+        allow_nograd: bool = False,
+        allow_unused: bool | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -112,6 +128,8 @@ class MetaLearner(nn.Module):
         if not isinstance(self.schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         self.vectorize = bool(vectorize)
+        self.allow_nograd = bool(allow_nograd)
+        self.allow_unused = self.allow_nograd if allow_unused is None else bool(allow_unused)
         self.backend: Backend = make_backend(model, loss_fn, backend)
         params = dict(model.named_parameters())
         init = self.rule.init({n: params[n].detach() for n in self.adapted_names})
@@ -141,6 +159,10 @@ class MetaLearner(nn.Module):
     def _detached_meta_parameters(self):
         return {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta_parameters().items()}
 
+    def forward(self, *args, **kwargs):
+        """``learner(x)`` is ``model(x)`` with the meta-parameters (any signature), as learn2learn's ``MAML``."""
+        return self.model(*args, **kwargs)
+
     def functional_forward(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """``model(x)`` evaluated with ``params`` (any subset; the rest come from the model)."""
         return self.problem.forward(params, x)
@@ -152,6 +174,7 @@ class MetaLearner(nn.Module):
         Differentiable with respect to the meta-parameters (second order). ``steps`` defaults
         to the schedule's test steps.
         """
+        self.problem.check_functional()
         batch = TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]).validate()
         steps = self.schedule.eval_steps if steps is None else steps
         result = inner_loop(self.problem, self.meta_parameters(), batch.support_x[0], batch.support_y[0], steps=steps,
@@ -178,6 +201,7 @@ class MetaLearner(nn.Module):
         call it.
         """
         vectorize = self.vectorize if vectorize is None else vectorize
+        self.problem.check_functional()
         meta_params = self._detached_meta_parameters()
 
         def compute():
@@ -207,7 +231,8 @@ class MetaLearner(nn.Module):
         live = self.meta_parameters()
         for group_name, tensors in live.items():
             for name, p in tensors.items():
-                p.grad = grads[group_name][name].detach().clone()
+                if p.requires_grad:  # a frozen parameter gets no .grad, so the optimizer leaves it
+                    p.grad = grads[group_name][name].detach().clone()
         optimizer.step()
         return stats
 
@@ -226,6 +251,7 @@ class MetaLearner(nn.Module):
         vectorize = self.vectorize if vectorize is None else vectorize
 
         problem = self.problem
+        problem.check_functional()
 
         def task_eval(meta_params, sx, sy, qx, qy):
             result = inner_loop(problem, meta_params, sx, sy, steps=steps, first_order=True, keep_trajectory=True,
@@ -240,14 +266,30 @@ class MetaLearner(nn.Module):
         _check_finite(out.pop("inner_loss"), "inner")
         return out
 
-    def clone(self) -> "TaskModel":
+    def clone(self, *, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> "TaskModel":
         """A learn2learn-style task copy whose parameters stay connected to the meta-parameters.
 
         ``task = learner.clone(); task.adapt(loss_fn(task(sx), sy)); loss_fn(task(qx), qy).backward()``
         accumulates the meta-gradient (second order, or first order when the learner's
         meta-gradient is first-order) into ``.grad`` of this learner's parameters.
+
+        ``first_order``, ``allow_unused``, ``allow_nograd``: the copy's defaults for
+        :meth:`TaskModel.adapt` (learn2learn's ``MAML.clone`` flags); ``None`` takes the learner's
+        (``first_order``: whether its meta-gradient is first-order).
         """
-        return TaskModel(self)
+        return TaskModel(self, first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd)
+
+
+class _MethodCall(nn.Module):
+    """Runs a method of ``m`` by name, so ``functional_call`` can swap parameters in for any method."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, name: str, *args, **kwargs):
+        return getattr(self.m, name)(*args, **kwargs)
 
 
 class TaskModel:
@@ -255,9 +297,17 @@ class TaskModel:
 
     Each :meth:`adapt` takes the gradient of the given loss with autograd and makes the step with
     :meth:`InnerProblem.update`, the engine's step.
+
+    It behaves like the wrapped module with the copy's current parameters: ``task(*args, **kwargs)``
+    calls the model with any signature; any other method of the model is forwarded and runs with
+    them too (``task.log_prob(x)``; other attributes, submodules included, are the model's own);
+    :meth:`parameters` / :meth:`named_parameters` give the current parameters (no buffers);
+    :meth:`train` / :meth:`eval` set the mode used for this copy's calls only; :meth:`clone`
+    copies an adapted copy, still differentiable to the meta-parameters.
     """
 
-    def __init__(self, learner: MetaLearner):
+    def __init__(self, learner: MetaLearner, *, first_order: bool | None = None, allow_unused: bool | None = None,
+                 allow_nograd: bool | None = None):
         self._learner = learner
         self._problem = learner.problem
         meta_params = learner.meta_parameters()
@@ -266,11 +316,96 @@ class TaskModel:
         self.state = meta_params["rule"]
         self._inner: dict[int | None, dict] = {}  # the rule's inner state per phase (None: the main steps)
         self.steps_taken = 0
+        self.first_order = learner.meta_gradient.first_order if first_order is None else bool(first_order)
+        self.allow_unused = learner.allow_unused if allow_unused is None else bool(allow_unused)
+        self.allow_nograd = learner.allow_nograd if allow_nograd is None else bool(allow_nograd)
+        self._mode: bool | None = None  # None: the model's own mode
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self._problem.forward(self.params, x)
+    # ------------------------------------------------------------------ module-like
+    @contextmanager
+    def _in_mode(self):
+        model = self._problem.model
+        modes = [(m, m.training) for m in model.modules()] if self._mode is not None else []
+        if all(t == self._mode for _, t in modes):
+            yield
+            return
+        model.train(self._mode)
+        try:
+            yield
+        finally:
+            for m, t in modes:
+                m.training = t
 
-    def adapt(self, loss: Tensor, *, first_order: bool | None = None, phase: int | None = None) -> "TaskModel":
+    def __call__(self, *args, **kwargs):
+        with self._in_mode():
+            return functional_call(self._problem.model, self.params, args, kwargs)
+
+    def __getattr__(self, name: str):
+        # only reached for names this object lacks: forward to the wrapped model
+        learner = self.__dict__.get("_learner")
+        if learner is None or name.startswith("__"):
+            raise AttributeError(name)
+        model = learner.model
+        try:
+            attr = getattr(model, name)
+        except AttributeError:
+            raise AttributeError(f"neither TaskModel nor its {type(model).__name__} has an attribute {name!r}") from None
+        if not (inspect.ismethod(attr) and attr.__self__ is model):
+            return attr
+
+        def method(*args, **kwargs):
+            caller = self.__dict__.get("_caller")
+            if caller is None:
+                caller = self.__dict__["_caller"] = _MethodCall(model)
+            with self._in_mode():
+                return functional_call(caller, {f"m.{k}": v for k, v in self.params.items()}, (name, *args), kwargs)
+
+        method.__name__ = name
+        method.__doc__ = attr.__doc__
+        return method
+
+    @property
+    def training(self) -> bool:
+        return self._problem.model.training if self._mode is None else self._mode
+
+    def train(self, mode: bool = True) -> "TaskModel":
+        """The mode of this copy's calls (the learner's model keeps its own)."""
+        self._mode = bool(mode)
+        return self
+
+    def eval(self) -> "TaskModel":
+        return self.train(False)
+
+    def named_parameters(self):
+        """``(name, tensor)`` of the model's parameters as this copy holds them now (no buffers)."""
+        for n, _ in self._problem.model.named_parameters():
+            yield n, self.params[n]
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    def clone(self, *, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None) -> "TaskModel":
+        """A copy of this (possibly adapted) copy: later steps of either do not change the other, and
+        both stay differentiable to the meta-parameters through the steps taken so far. The flags
+        default to this copy's."""
+        new = TaskModel.__new__(TaskModel)
+        new.__dict__.update(self.__dict__)
+        new.params = dict(self.params)
+        new.state = dict(self.state)
+        new._inner = {k: dict(v) for k, v in self._inner.items()}
+        if first_order is not None:
+            new.first_order = bool(first_order)
+        if allow_unused is not None:
+            new.allow_unused = bool(allow_unused)
+        if allow_nograd is not None:
+            new.allow_nograd = bool(allow_nograd)
+        return new
+
+    # ------------------------------------------------------------------ the step
+    def adapt(self, loss: Tensor, *, first_order: bool | None = None, allow_unused: bool | None = None,
+              allow_nograd: bool | None = None, phase: int | None = None) -> "TaskModel":
         """One inner step on ``loss`` (in place on this copy).
 
         Without ``phase``: a step of the learner's update rule on its adapted parameters. With
@@ -278,12 +413,23 @@ class TaskModel:
         matches (plain SGD at the phase's lr, or the update rule when it has none); e.g. for
         Wormhole, ``c_steps`` calls with ``phase=0`` and then ``train_steps`` plain calls are
         Algorithm 1, with the same meta-gradient as the functional engine.
+
+        ``first_order``, ``allow_unused``, ``allow_nograd`` (learn2learn's meaning; ``None``: this
+        copy's): treat the step's gradient as a constant (first-order meta-gradient); accept
+        adapted parameters the loss does not use (left unchanged; else ``ValueError`` naming them);
+        accept a model with frozen parameters (left unchanged; else ``ValueError`` naming them).
         """
         problem = self._problem
-        if first_order is None:
-            first_order = self._learner.meta_gradient.first_order
+        first_order = self.first_order if first_order is None else bool(first_order)
+        allow_unused = self.allow_unused if allow_unused is None else bool(allow_unused)
+        allow_nograd = self.allow_nograd if allow_nograd is None else bool(allow_nograd)
         if not torch.isfinite(loss.detach()).all():
             raise ValueError(f"non-finite inner loss {loss.item()} at step {self.steps_taken}")
+        frozen = frozen_names(problem.model)
+        if frozen and not allow_nograd:
+            raise ValueError(f"the model has frozen parameters (requires_grad=False): {', '.join(frozen)}; as "
+                             f"learn2learn's allow_nograd=False, adapt() refuses them: pass allow_nograd=True "
+                             f"(to MetaLearner, clone() or adapt()) to adapt the others and leave these unchanged")
         if phase is None:
             names, rule = problem.adapted_names, problem.rule
         else:
@@ -292,34 +438,38 @@ class TaskModel:
                 raise ValueError(f"phase must be an index into the schedule's {len(phases)} phase(s), got {phase!r}")
             names, rule = problem.phase_names[phase], problem.phase_rules[phase]
             for n in names:  # a buffer (task state, e.g. Wormhole's C) enters the graph as a fresh leaf
-                if not self.params[n].requires_grad:
+                if not self.params[n].requires_grad and n not in frozen:
                     self.params[n] = self.params[n].detach().clone().requires_grad_()
         current = {n: self.params[n] for n in names}
+        live = [n for n in names if n not in frozen]  # frozen after the learner was built: left unchanged
         if phase not in self._inner:
             self._inner[phase] = rule.init_inner(current)
-        state_grads = None
-        if not rule.adapts_state:
-            found = torch.autograd.grad(loss, list(current.values()), create_graph=not first_order)
-            grads = {n: (g.detach() if first_order else g) for n, g in zip(names, found)}
-        else:
-            # Algorithm 1: the state xi_t reaches the loss only through the last step, which this
-            # copy recorded, so d loss / d xi_t is autograd's (None, i.e. zero, before any step).
-            keys = list(self.state)
-            inputs = list(current.values()) + [self.state[k] for k in keys]
-            differentiable = [i for i, t in enumerate(inputs) if i < len(names) or t.requires_grad]
-            # retain_graph: the state's path runs through the last step, which the query loss
-            # still needs (a first-order adapt would otherwise free it)
-            found = torch.autograd.grad(loss, [inputs[i] for i in differentiable], create_graph=not first_order,
-                                        retain_graph=True, allow_unused=True)
-            full = [torch.zeros_like(t) for t in inputs]
-            for i, g in zip(differentiable, found):
-                if g is not None:
-                    full[i] = g.detach() if first_order else g
-            grads = dict(zip(names, full[: len(names)]))
-            state_grads = dict(zip(keys, full[len(names):]))
+        keys = list(self.state) if rule.adapts_state else []
+        # Algorithm 1 (rules that adapt their state): the state xi_t reaches the loss only through the
+        # last step, which this copy recorded, so d loss / d xi_t is autograd's (None, i.e. zero, before
+        # any step); retain_graph: that path runs through the last step, which the query loss still needs
+        inputs = [current[n] for n in live] + [self.state[k] for k in keys]
+        wanted = [i for i, t in enumerate(inputs) if i < len(live) or t.requires_grad]
+        found = torch.autograd.grad(loss, [inputs[i] for i in wanted], create_graph=not first_order,
+                                    retain_graph=True if rule.adapts_state else None, allow_unused=True)
+        full: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(wanted, found):
+            full[i] = g
+        unused = [n for n, g in zip(live, full) if g is None]
+        if unused and not allow_unused:
+            raise ValueError(f"the loss does not use adapted parameter(s) {', '.join(unused)} (no gradient); pass "
+                             f"allow_unused=True (to MetaLearner, clone() or adapt(), as in learn2learn) to leave "
+                             f"them unchanged")
+        full = [torch.zeros_like(t) if g is None else (g.detach() if first_order else g) for g, t in zip(full, inputs)]
+        grads = {n: torch.zeros_like(t) for n, t in current.items()}
+        grads.update(zip(live, full[: len(live)]))
+        state_grads = dict(zip(keys, full[len(live):])) if rule.adapts_state else None
         s = InnerState(current, {}, self.state, self._inner[phase])
         s = problem.update(s, grads, state_grads=state_grads, rule=rule)
         self.params.update(s.adapted)
+        for n in names:
+            if n not in live or n in unused:  # no gradient: no step (learn2learn's None gradient)
+                self.params[n] = current[n]
         self._inner[phase] = s.inner
         if phase is None:
             self.state = s.rule
@@ -331,9 +481,6 @@ class TaskModel:
                     self.params[n] = p.view_as(p)
         self.steps_taken += 1
         return self
-
-    def parameters(self):
-        return iter(self.params.values())
 
 
 def _as_batch(batch) -> TaskBatch:

@@ -122,6 +122,24 @@ class InnerProblem:
         self.stacked = (backend.name != "generic" and rule.elementwise and not rule.adapts_state
                         and not schedule.phases)
 
+    def check_functional(self) -> None:
+        """Raise ``ValueError`` if the model cannot run in the functional inner loop as it is now.
+
+        A normalization layer that updates running statistics (``nn.BatchNorm*`` with
+        ``track_running_stats=True`` in training mode) writes its buffers in place on every forward,
+        which ``torch.func.grad`` and ``vmap`` refuse (with ``vectorize=False`` too). The message
+        names the layer and the ways out.
+        """
+        for name, m in self.model.named_modules():
+            if (isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                    and m.running_mean is not None):
+                raise ValueError(
+                    f"{type(m).__name__} {name or '(the model)'!r} updates running statistics in training mode, "
+                    f"which the functional inner loop (meta_step, evaluate, adapt; vectorize=False too) cannot "
+                    f"do: build it with track_running_stats=False (per-batch statistics, as MAML uses them), "
+                    f"or call model.eval() to normalize with its fixed running statistics, or use the object "
+                    f"API (learner.clone()), which updates them in place as learn2learn does")
+
     # ------------------------------------------------------------------ losses
     def forward(self, params: Params, x: Tensor) -> Tensor:
         """``model(x)`` with the parameter dict ``params`` (one task)."""
