@@ -323,3 +323,64 @@ def test_first_order_on_clone_is_first_order_maml(where):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=0, atol=1e-12, msg=n)
     assert any((want[n] - second[n]).abs().max() > 1e-6 for n in want)
+
+
+# ---------------------------------------------------------------------------- 5. the README's translation claims
+def _random_state(rule, params, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.3 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in rule.init(params).items()}
+
+
+def test_meta_kfo_psd_uses_gram_factors_like_learn2learn():
+    """``MetaKFO(psd=True)``: each layer maps ``G -> (L^T L) G (R^T R)`` (learn2learn's
+    ``KroneckerLinear(psd=True)`` on metagrad's matrix view), identity at init."""
+    from metagrad import MetaKFO
+
+    g = torch.Generator().manual_seed(0)
+    params = {"fc.weight": torch.randn(3, 4, generator=g, dtype=DT), "fc.bias": torch.randn(3, generator=g, dtype=DT),
+              "conv.weight": torch.randn(2, 3, 2, 2, generator=g, dtype=DT)}
+    grads = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in params.items()}
+    for hidden in (0, 1):
+        rule = MetaKFO(LR, hidden_layers=hidden, psd=True)
+        new, _ = rule.step(params, grads, rule.init(params), {})
+        for n in params:  # identity at init: plain gradient descent
+            torch.testing.assert_close(new[n], params[n] - LR * grads[n], rtol=0, atol=1e-14)
+        state = _random_state(rule, params)
+        new, _ = rule.step(params, grads, state, {})
+        for n, p in params.items():
+            x = grads[n].reshape(p.shape[0], -1)  # conv: [out, in*kh*kw]; bias: a column
+            for j in range(1, hidden + 2):
+                left, right = state[f"{n}.L{j}"], state[f"{n}.R{j}"]
+                x = (left.T @ left) @ x @ (right.T @ right)
+            torch.testing.assert_close(new[n], p - LR * x.reshape(p.shape), rtol=0, atol=1e-12, msg=n)
+        plain, _ = MetaKFO(LR, hidden_layers=hidden).step(params, grads, state, {})
+        assert not torch.allclose(plain["fc.weight"], new["fc.weight"])
+    with pytest.raises(ValueError, match="psd=True needs nonlinearity='none'"):
+        MetaKFO(LR, hidden_layers=1, nonlinearity="relu", psd=True)
+
+
+def test_meta_curvature_conv_is_learn2learns_with_the_kernel_factor_transposed():
+    """learn2learn's ``MetaCurvatureTransform`` on a 4-D weight (TensorFlow layout, written out here
+    step by step) equals metagrad's ``MetaCurvature`` with ``mc_in = m_out``, ``mc_out = m_in`` and
+    ``mc_f = m_f^T``; on a 2-D weight ``mc_in = m_out``, ``mc_out = m_in``."""
+    from metagrad import MetaCurvature
+
+    g = torch.Generator().manual_seed(1)
+    o, i, kh, kw = 3, 2, 2, 3
+    f = kh * kw
+    params = {"c.weight": torch.zeros(o, i, kh, kw, dtype=DT), "l.weight": torch.zeros(4, 5, dtype=DT)}
+    rule = MetaCurvature(1.0)
+    state = _random_state(rule, params)
+    grad = torch.randn(o, i, kh, kw, generator=g, dtype=DT)
+    mc_in, mc_out, mc_f = state["c.weight.m_out"], state["c.weight.m_in"], state["c.weight.m_f"].T
+    u = grad.permute(2, 3, 0, 1).contiguous()  # [kh, kw, out, in]
+    shape = u.shape
+    u = u.reshape(-1, i) @ mc_out
+    u = mc_f @ u.reshape(f, -1)
+    u = u.reshape(f, o, i).permute(1, 0, 2).reshape(o, -1)
+    u = mc_in @ u
+    u = u.reshape(o, f, i).permute(1, 0, 2).reshape(shape).permute(2, 3, 0, 1)
+    torch.testing.assert_close(rule.precondition("c.weight", grad, state), u, rtol=0, atol=1e-12)
+    g2 = torch.randn(4, 5, generator=g, dtype=DT)
+    torch.testing.assert_close(rule.precondition("l.weight", g2, state),
+                               state["l.weight.m_out"] @ g2 @ state["l.weight.m_in"], rtol=0, atol=1e-12)

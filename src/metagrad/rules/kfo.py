@@ -45,6 +45,12 @@ class MetaKFO(UpdateRule):
 
     Layers have no bias terms (a bias would make the update non-zero at a zero gradient).
 
+    With ``psd=True`` (learn2learn's ``KroneckerLinear(psd=True)``, the default of its
+    ``KroneckerTransform``) every layer uses the factors' Gram matrices, ``X -> (L^T L) X (R^T R)``,
+    so each layer's dense weight ``(R^T R)^T ⊗ (L^T L)`` is positive semi-definite; the factors
+    start at the identity, so ``f`` still starts as the identity. Only the linear form
+    (``nonlinearity="none"``): the residual form's zero output factor would have a zero gradient.
+
     With ``adapt_state=True`` the factors ``xi`` also adapt in the inner loop (suppl. C,
     Algorithm 1): at step ``t``, ``xi_{t+1} = xi_t - state_lr * d l(theta_t) / d xi_t`` and then
     ``theta_{t+1} = theta_t - lr * f_{xi_{t+1}}(grad l(theta_t))``. ``theta_t`` depends on ``xi_t``
@@ -61,10 +67,11 @@ class MetaKFO(UpdateRule):
         nonlinearity: ``"none"``, ``"relu"`` or ``"tanh"``, applied after each hidden layer.
         adapt_state: adapt the factors in the inner loop too (Algorithm 1).
         state_lr: the inner-loop rate of the factors when ``adapt_state`` (default ``lr``).
+        psd: use ``L^T L`` and ``R^T R`` for every factor (positive semi-definite layers).
     """
 
     def __init__(self, lr: float = 0.1, *, hidden_layers: int = 0, nonlinearity: str = "none",
-                 adapt_state: bool = False, state_lr: float | None = None):
+                 adapt_state: bool = False, state_lr: float | None = None, psd: bool = False):
         self.lr = _check_rate(lr)
         if isinstance(hidden_layers, bool) or not isinstance(hidden_layers, int):
             raise TypeError(f"hidden_layers must be an int, got {type(hidden_layers).__name__} {hidden_layers!r}")
@@ -76,6 +83,12 @@ class MetaKFO(UpdateRule):
             raise ValueError(f"nonlinearity {nonlinearity!r} needs hidden_layers >= 1 (it acts on hidden layers)")
         if not isinstance(adapt_state, bool):
             raise TypeError(f"adapt_state must be a bool, got {type(adapt_state).__name__} {adapt_state!r}")
+        if not isinstance(psd, bool):
+            raise TypeError(f"psd must be a bool, got {type(psd).__name__} {psd!r}")
+        if psd and nonlinearity != "none":
+            raise ValueError(f"psd=True needs nonlinearity='none' (got {nonlinearity!r}): the residual form starts "
+                             f"its output factor at zero, where L^T L has a zero gradient")
+        self.psd = psd
         self.hidden_layers = hidden_layers
         self.nonlinearity = nonlinearity
         self.adapts_state = adapt_state
@@ -83,7 +96,7 @@ class MetaKFO(UpdateRule):
 
     def __repr__(self) -> str:
         return (f"MetaKFO(lr={self.lr!r}, hidden_layers={self.hidden_layers!r}, nonlinearity={self.nonlinearity!r}, "
-                f"adapt_state={self.adapts_state!r}, state_lr={self.state_lr!r})")
+                f"adapt_state={self.adapts_state!r}, state_lr={self.state_lr!r}, psd={self.psd!r})")
 
     @property
     def _residual(self) -> bool:
@@ -108,7 +121,10 @@ class MetaKFO(UpdateRule):
         last = self.hidden_layers + 1
 
         def layer(j, h):
-            return state[f"{name}.L{j}"] @ h @ state[f"{name}.R{j}"]
+            left, right = state[f"{name}.L{j}"], state[f"{name}.R{j}"]
+            if self.psd:
+                left, right = left.mT @ left, right.mT @ right
+            return left @ h @ right
 
         if not self._residual:
             for j in range(1, last + 1):
