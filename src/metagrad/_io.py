@@ -31,6 +31,25 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
         raise
 
 
+def clean_tmp(folder: str | os.PathLike, *, depth: int = 1) -> list[Path]:
+    """Remove the temporary files :func:`atomic_open` leaves behind when its process is killed
+    mid-write (``.NAME.XXXX.tmp``) in ``folder`` and its sub-folders down to ``depth`` levels;
+    returns them. Call it only while holding the folder's lock (:mod:`metagrad._lock`), so that
+    no other process is writing there."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink() and depth > 0:
+            removed += clean_tmp(entry, depth=depth - 1)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

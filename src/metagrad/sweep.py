@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._io import write_json
+from ._lock import try_lock
 from .config import _parse_value, _split_override
 from .experiments import Experiment, run
 from .experiments.base import _dotted
@@ -356,16 +357,8 @@ def _retry(optuna, study, number: int) -> None:
 def _try_lock(folder: Path):
     """The lock file of ``folder``, opened and locked by this process, or ``None`` if another
     process holds it."""
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / LOCK, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
+    return try_lock(folder / LOCK)
 
 
 def _prune_variant(experiment: Experiment, spec: dict) -> str | None:

@@ -218,9 +218,15 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         """Rank 0: the run folder, and the state every rank starts from (``None``: as it is)."""
         if ckpt_path.exists() and not resume:
             raise FileExistsError(f"{run_dir} already holds a checkpoint; resume it or choose another folder")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg)
         state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+        done = 0 if state is None else state["iteration"]
+        if done > cfg["iterations"]:
+            raise ValueError(f"{ckpt_path} is at meta-iteration {done}, past the config's {cfg['iterations']}: a run "
+                             f"cannot be shortened; train for at least {done} iterations, or start a new run")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if done < cfg["iterations"]:  # training (on): until it ends, no summary says the folder is finished
+            (run_dir / "summary.json").unlink(missing_ok=True)
+        write_json(run_dir / "config.json", cfg)
         _write_metrics(run_dir, [] if state is None else state["metrics"])
         if state is None and group is not None:  # every rank starts from rank 0's parameters
             state = {"learner": {k: v.detach().cpu() for k, v in learner.state_dict().items()}}

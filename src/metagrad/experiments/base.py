@@ -7,6 +7,7 @@ directory, with its own checkpoint, so a run can be resumed variant by variant.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass, field
@@ -15,12 +16,12 @@ from typing import Any, Callable
 
 import torch
 
-from .. import distributed
+from .. import _lock, distributed
 from .._errors import prefixed
-from .._io import _umask, read_json, write_json
+from .._io import _umask, clean_tmp, read_json, write_json
 from ..config import apply_overrides, _split_override
 from ..core import MetaLearner
-from ..train import CHECKPOINT, evaluate_tasks, fit, load_checkpoint
+from ..train import CHECKPOINT, _validate as _validate_train, evaluate_tasks, fit, load_checkpoint
 
 
 @dataclass
@@ -165,9 +166,13 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
                          f"processes (torchrun): each variant already trains on all of them; use jobs=1")
     device = distributed.local_device(device)
 
+    lock = contextlib.ExitStack()  # rank 0: the run folder's lock (metagrad._lock), held to the end
+
     def prepare() -> dict:
         """Rank 0: the run's config (``config.json`` when resuming); checks the folder."""
         cfg_path = out_dir / "config.json"
+        if out_dir.is_dir():  # a run there may be going on: fail now, naming it
+            lock.enter_context(_lock.hold(out_dir))
         if resume:
             return _longer(experiment, read_resumable(cfg_path, experiment, variants), overrides)
         config = experiment.resolve(overrides)
@@ -177,24 +182,61 @@ def run(experiment: Experiment, out_dir: str | Path, overrides=(), *, resume: bo
             raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
         return config
 
-    def write_config() -> None:
+    def write_config(stale: list[str]) -> None:
+        """Rank 0: lock and create the folder, clear what a killed process left; when resuming to
+        train on, first remove the summaries that would make the folder look finished."""
         if not resume:
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(_lock.hold(out_dir))
+            if (out_dir / "config.json").exists():  # another process started a run there meanwhile
+                raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
+        clean_tmp(out_dir)
+        if resume and (stale or overrides):
+            for path in [out_dir / "summary.json", *(out_dir / name / "summary.json" for name in stale)]:
+                path.unlink(missing_ok=True)  # the run is partial until the report is written again
         if not resume or overrides:
             write_json(out_dir / "config.json", config)
 
-    config = distributed.on_main(prepare, group)
-    every = list(experiment.variants(config))  # checks data and options before anything is written
-    names = _selected(experiment, config, every)
-    distributed.on_main(write_config, group)
-    if jobs > 1 and len(names) > 1:
-        results = _train_parallel(experiment, config, names, out_dir, jobs, resume=resume, progress=progress,
-                                   device=device)
-    else:
-        results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
-                                        device=device, on_validate=on_validate, group=group) for name in names}
-    return distributed.on_main(
-        lambda: _write_report(experiment, config, results, out_dir, partial=len(names) < len(every)), group)
+    try:
+        config = distributed.on_main(prepare, group)
+        every = list(experiment.variants(config))  # checks data and options before anything is written
+        names = _selected(experiment, config, every)
+        stale = distributed.on_main(lambda: _check_variants(experiment, config, names, out_dir, resume), group)
+        distributed.on_main(lambda: write_config(stale), group)
+        if jobs > 1 and len(names) > 1:
+            results = _train_parallel(experiment, config, names, out_dir, jobs, resume=resume, progress=progress,
+                                       device=device)
+        else:
+            results = {name: _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress,
+                                            device=device, on_validate=on_validate, group=group) for name in names}
+        return distributed.on_main(
+            lambda: _write_report(experiment, config, results, out_dir, partial=len(names) < len(every)), group)
+    finally:
+        lock.close()
+
+
+def _check_variants(experiment: Experiment, config: dict, names: list[str], out_dir: Path, resume: bool) -> list[str]:
+    """Build every variant in ``names`` and check its training config, so that a bad setting fails
+    before anything is written; when resuming, check each checkpoint against its variant's
+    meta-iterations (a run cannot be shortened). Returns the variants that will train on from a
+    checkpoint, or train at all (their ``summary.json``, if any, is stale)."""
+    stale = []
+    for name in names:
+        variant = build_variant(experiment, config, name)
+        iterations = _validate_train(dict(variant.train))["iterations"]
+        del variant
+        ckpt = out_dir / name / CHECKPOINT
+        if not (resume and ckpt.exists()):
+            stale.append(name)
+            continue
+        done = load_checkpoint(ckpt)["iteration"]
+        if done > iterations:
+            raise ValueError(f"{ckpt} is at meta-iteration {done}, past the {iterations} that {out_dir / 'config.json'} "
+                             f"gives variant {name!r}: a run cannot be shortened; set its iterations back to at least "
+                             f"{done} there, or start a new run")
+        if done < iterations:
+            stale.append(name)
+    return stale
 
 
 def read_resumable(path: Path, experiment: Experiment, variants=None, what: str = "run") -> dict:
@@ -325,25 +367,30 @@ def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=(
     not results; dotted keys name nested entries); a variant may come from
     one source only, and must have finished there (its ``summary.json`` exists). ``out_dir`` must
     not exist: it is built beside itself under a temporary name and renamed at the end, so a
-    failure leaves nothing there.
+    failure leaves nothing there. Holds every source's lock (:mod:`metagrad._lock`) while it reads.
     """
-    import shutil
-    import tempfile
-
-    from . import get_experiment
-
     out_dir = Path(out_dir)
     sources = [Path(s) for s in sources]
     if not sources:
         raise ValueError("merge needs at least one source run folder")
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new folder for the merged run")
-    ignore = set(ignore)
+    with contextlib.ExitStack() as locks:
+        return _merge(experiment, out_dir, sources, set(ignore), locks)
+
+
+def _merge(experiment: Experiment, out_dir: Path, sources: list[Path], ignore: set, locks) -> dict:
+    import shutil
+    import tempfile
+
+    from . import get_experiment
+
     configs = []
     for src in sources:
         cfg_path = src / "config.json"
         if not cfg_path.exists():
             raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
+        locks.enter_context(_lock.hold(src))  # no run may train on in a source while it is copied
         configs.append(read_json(cfg_path))
     home = next((i for i, cfg in enumerate(configs) if cfg.get("experiment") == experiment.name), None)
     if home is None:
@@ -355,8 +402,12 @@ def merge_runs(experiment: Experiment, out_dir: str | Path, sources, *, ignore=(
     for src, cfg in zip(sources, configs):
         src_exp = experiment if cfg.get("experiment") == experiment.name else get_experiment(cfg.get("experiment"))
         for name in _selected(src_exp, cfg):
-            if name not in every or not (src / name / "summary.json").exists():
-                continue  # not a variant of ``experiment``, or not trained to the end there
+            if name not in every:
+                continue  # not a variant of ``experiment``
+            if not (src / name / "summary.json").exists():
+                raise ValueError(f"variant {name!r} of {src} has not finished (no summary.json: the run was killed "
+                                 f"or is partial); resume it with `metagrad run {cfg.get('experiment')} --out {src} "
+                                 f"--resume` first")
             if name in owner:
                 raise ValueError(f"variant {name!r} is in both {owner[name]} and {src}")
             want = _without(experiment.variant_config(config, name), ignore)
@@ -397,26 +448,33 @@ def evaluate_run(experiment: Experiment, out_dir: str | Path, *, tasks: int | No
     e.g. ``test_queries=1`` or ``test_steps=10``; they must leave the model's parameters the same
     shape. Each result records them and the checkpoint's ``iteration``. ``variants``: evaluate
     only these (default: those the run trains). ``device``: evaluate there (default: the CPU).
+    A variant whose checkpoint is short of its meta-iterations (a run killed before the end) is
+    marked ``"partial": true``. Holds the run folder's lock (:mod:`metagrad._lock`).
     """
     out_dir = Path(out_dir)
-    config = read_json(out_dir / "config.json")
-    overrides = list(overrides)
-    if overrides:
-        config = apply_overrides(config, overrides)
-    if variants:
-        config["only"] = list(variants)
-    results = {}
-    for name in _selected(experiment, config):
-        variant, state = trained_variant(experiment, config, out_dir, name)
-        if device is not None:
-            variant.learner.to(device)
-        cfg = {**state["config"]}
-        results[name] = evaluate_tasks(variant.learner, variant.eval_family, tasks or cfg["eval_tasks"],
-                                       seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"], device=device)
-        results[name]["iteration"] = state["iteration"]
+    if not (out_dir / "config.json").exists():
+        raise FileNotFoundError(f"{out_dir / 'config.json'} does not exist: not a metagrad run directory")
+    with _lock.hold(out_dir, what="run"):
+        config = read_json(out_dir / "config.json")
+        overrides = list(overrides)
         if overrides:
-            results[name]["overrides"] = overrides
-    write_json(out_dir / "eval.json", results)
+            config = apply_overrides(config, overrides)
+        if variants:
+            config["only"] = list(variants)
+        results = {}
+        for name in _selected(experiment, config):
+            variant, state = trained_variant(experiment, config, out_dir, name)
+            if device is not None:
+                variant.learner.to(device)
+            cfg = {**state["config"]}
+            results[name] = evaluate_tasks(variant.learner, variant.eval_family, tasks or cfg["eval_tasks"],
+                                           seed=cfg["seed"] + 30_011, batch=cfg["eval_batch"], device=device)
+            results[name]["iteration"] = state["iteration"]
+            if state["iteration"] < _validate_train(dict(variant.train))["iterations"]:
+                results[name]["partial"] = True  # killed before the end: resume the run to finish it
+            if overrides:
+                results[name]["overrides"] = overrides
+        write_json(out_dir / "eval.json", results)
     return results
 
 

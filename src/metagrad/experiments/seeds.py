@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .. import _lock
 from .._io import read_json, write_json
 from ..config import _split_override
 from ._report import fmt_g, fmt_overrides, md_table, numeric_leaves, write_text
-from .base import Experiment, _longer, _selected, read_resumable, run
+from .base import Experiment, _check_variants, _longer, _selected, read_resumable, run
 
 PLAN = "seeds.json"
 
@@ -65,24 +66,26 @@ def run_seeds(experiment: Experiment, out_dir: str | Path, seeds, overrides=(), 
         config = experiment.resolve([*pairs, ("seed", seeds[0])])  # checks keys and values before writing
         if variants:
             config["only"] = list(variants)
-        _selected(experiment, config)
-    plan = {"experiment": experiment.name, "seeds": seeds, "overrides": [list(p) for p in dict(base + pairs).items()],
-            "variants": list(variants) if variants else None}
-    write_json(plan_path, plan)
-    summaries = {}
-    for seed in seeds:
-        folder = seed_folder(out_dir, seed)
-        if not resume or not (folder / "config.json").exists():
-            summaries[seed] = run(experiment, folder, [*base, *pairs, ("seed", seed)], variants=variants,
-                                  **run_kwargs)
-        elif (folder / "summary.json").exists() and not pairs:
-            summaries[seed] = read_json(folder / "summary.json")  # finished before
-        else:
-            summaries[seed] = run(experiment, folder, pairs, resume=True, **run_kwargs)
-    result = {**plan, "runs": {str(s): seed_folder(out_dir, s).name for s in seeds},
-              "aggregate": aggregate(list(summaries.values()))}
-    write_json(plan_path, result)
-    write_text(out_dir / "seeds.md", seeds_table(result))
+        _check_variants(experiment, config, _selected(experiment, config), out_dir, False)  # builds each variant
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _lock.hold(out_dir, what="multi-seed run"):  # one process at a time writes the plan and seed folders
+        plan = {"experiment": experiment.name, "seeds": seeds, "overrides": [list(p) for p in dict(base + pairs).items()],
+                "variants": list(variants) if variants else None}
+        write_json(plan_path, plan)
+        summaries = {}
+        for seed in seeds:
+            folder = seed_folder(out_dir, seed)
+            if not resume or not (folder / "config.json").exists():
+                summaries[seed] = run(experiment, folder, [*base, *pairs, ("seed", seed)], variants=variants,
+                                      **run_kwargs)
+            elif (folder / "summary.json").exists() and not pairs:
+                summaries[seed] = read_json(folder / "summary.json")  # finished before
+            else:
+                summaries[seed] = run(experiment, folder, pairs, resume=True, **run_kwargs)
+        result = {**plan, "runs": {str(s): seed_folder(out_dir, s).name for s in seeds},
+                  "aggregate": aggregate(list(summaries.values()))}
+        write_json(plan_path, result)
+        write_text(out_dir / "seeds.md", seeds_table(result))
     return result
 
 
