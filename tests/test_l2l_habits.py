@@ -252,6 +252,8 @@ def test_task_model_any_signature_method_forwarding_parameters_and_mode():
     torch.testing.assert_close(task(qx, mask=mask), ref(qx, mask=mask), rtol=0, atol=1e-12)
     torch.testing.assert_close(task.log_prob(qx, qy, sigma=0.5), ref.log_prob(qx, qy, sigma=0.5), rtol=0, atol=1e-12)
     assert task.fc1.out_features == 5 and task.scale is model.scale  # plain attributes: the model's own
+    torch.testing.assert_close(task.fc1(qx), ref.fc1(qx), rtol=0, atol=1e-12)  # a child: adapted too
+    assert not torch.allclose(task.fc1(qx), model.fc1(qx))
     names = [n for n, _ in task.named_parameters()]
     assert names == [n for n, _ in model.named_parameters()] and "scale" not in names
     for (n, p), (_, q) in zip(task.named_parameters(), ref.named_parameters()):

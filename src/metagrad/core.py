@@ -292,6 +292,48 @@ class _MethodCall(nn.Module):
         return getattr(self.m, name)(*args, **kwargs)
 
 
+def _task_attr(task: "TaskModel", module: nn.Module, prefix: str, name: str):
+    """Attribute ``name`` of ``module`` (the submodule at ``prefix`` of the task's model) as seen
+    from ``task``: a method runs with the task's current tensors, a child module is a
+    :class:`_SubmoduleView`, anything else is the module's own."""
+    try:
+        attr = getattr(module, name)
+    except AttributeError:
+        raise AttributeError(f"neither TaskModel nor its {type(module).__name__} has an attribute {name!r}") from None
+    if isinstance(attr, nn.Module) and module._modules.get(name) is attr:
+        return _SubmoduleView(task, attr, f"{prefix}{name}.")
+    if not (inspect.ismethod(attr) and attr.__self__ is module):
+        return attr
+
+    def method(*args, **kwargs):
+        tensors = {f"m.{k[len(prefix):]}": v for k, v in task.params.items() if k.startswith(prefix)}
+        with task._in_mode():
+            return functional_call(_MethodCall(module), tensors, (name, *args), kwargs)
+
+    method.__name__ = name
+    method.__doc__ = attr.__doc__
+    return method
+
+
+class _SubmoduleView:
+    """A child module of a :class:`TaskModel`'s model, called (and its methods run) with the task's
+    current tensors: ``task.features(x)`` is the adapted feature extractor."""
+
+    def __init__(self, task: "TaskModel", module: nn.Module, prefix: str):
+        self._task, self._module, self._prefix = task, module, prefix
+
+    def __call__(self, *args, **kwargs):
+        return _task_attr(self._task, self._module, self._prefix, "forward")(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "_module" not in self.__dict__:
+            raise AttributeError(name)
+        return _task_attr(self._task, self._module, self._prefix, name)
+
+    def __repr__(self) -> str:
+        return f"<TaskModel view of {self._prefix[:-1]!r}: {self._module!r}>"
+
+
 class TaskModel:
     """A task-specific copy made by :meth:`MetaLearner.clone` (learn2learn-shaped object API).
 
@@ -300,7 +342,8 @@ class TaskModel:
 
     It behaves like the wrapped module with the copy's current parameters: ``task(*args, **kwargs)``
     calls the model with any signature; any other method of the model is forwarded and runs with
-    them too (``task.log_prob(x)``; other attributes, submodules included, are the model's own);
+    them too (``task.log_prob(x)``), a child module runs with them (``task.features(x)``), other
+    attributes are the model's own;
     :meth:`parameters` / :meth:`named_parameters` give the current parameters (no buffers);
     :meth:`train` / :meth:`eval` set the mode used for this copy's calls only; :meth:`clone`
     copies an adapted copy, still differentiable to the meta-parameters.
@@ -345,24 +388,7 @@ class TaskModel:
         learner = self.__dict__.get("_learner")
         if learner is None or name.startswith("__"):
             raise AttributeError(name)
-        model = learner.model
-        try:
-            attr = getattr(model, name)
-        except AttributeError:
-            raise AttributeError(f"neither TaskModel nor its {type(model).__name__} has an attribute {name!r}") from None
-        if not (inspect.ismethod(attr) and attr.__self__ is model):
-            return attr
-
-        def method(*args, **kwargs):
-            caller = self.__dict__.get("_caller")
-            if caller is None:
-                caller = self.__dict__["_caller"] = _MethodCall(model)
-            with self._in_mode():
-                return functional_call(caller, {f"m.{k}": v for k, v in self.params.items()}, (name, *args), kwargs)
-
-        method.__name__ = name
-        method.__doc__ = attr.__doc__
-        return method
+        return _task_attr(self, learner.model, "", name)
 
     @property
     def training(self) -> bool:
