@@ -323,7 +323,10 @@ class _SubmoduleView:
         self._task, self._module, self._prefix = task, module, prefix
 
     def __call__(self, *args, **kwargs):
-        return _task_attr(self._task, self._module, self._prefix, "forward")(*args, **kwargs)
+        task, prefix = self._task, self._prefix
+        tensors = {k[len(prefix):]: v for k, v in task.params.items() if k.startswith(prefix)}
+        with task._in_mode():
+            return functional_call(self._module, tensors, args, kwargs)  # the module's hooks run too
 
     def __getattr__(self, name: str):
         if name.startswith("__") or "_module" not in self.__dict__:
