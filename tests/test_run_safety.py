@@ -169,3 +169,81 @@ def test_a_rejected_setting_of_a_multi_seed_run_leaves_nothing_behind(tmp_path, 
     out = tmp_path / "seeds"
     assert main(["run", "sinusoid", "--out", str(out), *TINY, "--set", "rule=nope", "--seeds", "0", "1"]) == 2
     assert "nope" in capsys.readouterr().err and not out.exists()
+
+
+# ----------------------------------------------------------------- 6. SIGINT / SIGTERM stop at a safe point
+def _checkpoint_iteration(path: Path) -> int:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["iteration"]
+
+
+@pytest.mark.parametrize("sig, jobs", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")])
+def test_a_signal_stops_at_a_safe_point_with_a_checkpoint_and_the_resume_command(tmp_path, sig, jobs):
+    out = tmp_path / "run"
+    proc = _long(out, "--jobs", jobs)
+    try:
+        for variant in (["5-shot"] if jobs == "1" else ["5-shot", "10-shot"]):
+            _wait_for(out / variant / "metrics.jsonl", proc)
+        time.sleep(0.5)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    command = f"metagrad run sinusoid --out {out} --resume"
+    assert stderr.strip().endswith(command + (" --jobs 2" if jobs == "2" else "") + " --no-progress"), stderr
+    names = ["5-shot"] if jobs == "1" else ["5-shot", "10-shot"]  # sequential: 10-shot has not started
+    done = {name: _checkpoint_iteration(out / name / "checkpoint.pt") for name in names}
+    assert min(done.values()) >= 1 and any(f"meta-iteration {d} (checkpoint written) in {out / n};" in stderr
+                                           for n, d in done.items()), stderr
+    assert not (out / "summary.json").exists() and not (out / "10-shot" / "checkpoint.pt").exists() or jobs == "2"
+    done = max(done.values())
+    # the checkpoint resumes (here: to a few iterations more, set in config.json)
+    config = _read(out / "config.json")
+    config["train"].update(iterations=done + 2, eval_tasks=10)
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["run", "sinusoid", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert _read(out / "5-shot" / "summary.json")["iterations"] == done + 2
+
+
+# ----------------------------------------------------------------- 4. workers die with their parent
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killing_the_parent_of_a_jobs_run_kills_its_workers(tmp_path):
+    out = tmp_path / "run"
+    proc = _long(out, "--jobs", "2")
+    try:
+        for variant in ("5-shot", "10-shot"):
+            _wait_for(out / variant / "metrics.jsonl", proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()  # SIGKILL: no handler runs in the parent
+        proc.wait()
+        end = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < end:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers))
+    finally:
+        proc.kill()

@@ -15,6 +15,7 @@ from . import distributed
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
 from .experiments.seeds import run_seeds, seeds_table
 from ._io import read_json
+from .train import Stopped, stop_on_signals
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +115,23 @@ def _start_distributed(args) -> bool:
     return distributed.init_from_env(_device(args.device))
 
 
+def _resume_command(args) -> str:
+    """The command that continues the ``metagrad run`` of ``args`` where it stopped."""
+    import shlex
+
+    words = ["metagrad", "run", args.name, "--out", str(args.out)]
+    if args.seeds is not None:
+        words += ["--seeds", *map(str, args.seeds)]
+    words.append("--resume")
+    if args.jobs != 1:
+        words += ["--jobs", str(args.jobs)]
+    if args.device is not None:
+        words += ["--device", args.device]
+    if args.no_progress:
+        words.append("--no-progress")
+    return shlex.join(words)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     started = False
@@ -125,15 +143,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<{width}}  {get_experiment(name).description}")
             return 0
         if args.command == "run" and args.seeds is not None:
-            result = run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides, resume=args.resume,
-                               progress=not args.no_progress, variants=args.variants, device=_device(args.device),
-                               jobs=args.jobs)
+            with stop_on_signals():  # SIGINT / SIGTERM: stop at a safe point, with a checkpoint
+                result = run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides,
+                                   resume=args.resume, progress=not args.no_progress, variants=args.variants,
+                                   device=_device(args.device), jobs=args.jobs)
             print(seeds_table(result), end="")
             print(f"results in {args.out}", file=sys.stderr)
             return 0
         if args.command == "run":
-            summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
-                          progress=not args.no_progress, variants=args.variants, device=_device(args.device), jobs=args.jobs)
+            with stop_on_signals():  # SIGINT / SIGTERM: stop at a safe point, with a checkpoint
+                summary = run(get_experiment(args.name), args.out, args.overrides, resume=args.resume,
+                              progress=not args.no_progress, variants=args.variants, device=_device(args.device),
+                              jobs=args.jobs)
             if distributed.is_main(distributed.resolve()):
                 print(json.dumps(summary, indent=2))
                 print(f"results in {args.out}", file=sys.stderr)
@@ -160,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
             print((args.out / "sweep.md").read_text(), end="")
             print(f"results in {args.out}", file=sys.stderr)
             return 0
+    except Stopped as err:
+        if distributed.is_main(distributed.resolve()):
+            print(f"metagrad: {err}; continue with: {_resume_command(args)}", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print(f"metagrad: interrupted" + (f"; the last checkpoint stays, continue with: {_resume_command(args)}"
+                                          if args.command == "run" else ""), file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)
         return 2

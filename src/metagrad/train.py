@@ -15,9 +15,12 @@ a checkpoint resumes with any number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +61,69 @@ def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=cfg["meta_lr"], momentum=cfg["momentum"])
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+class Stopped(Exception):
+    """Training stopped at a safe point, asked by signal ``signum`` (SIGINT, SIGTERM; see
+    :func:`stop_on_signals`): the end of meta-iteration ``iteration``, whose checkpoint is written
+    in ``run_dir`` (``iteration`` is ``None`` where the fit stopped before it started)."""
+
+    def __init__(self, signum: int, iteration: int | None = None, run_dir: str = ""):
+        super().__init__(signum, iteration, run_dir)
+        self.signum, self.iteration, self.run_dir = int(signum), iteration, str(run_dir)
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum in signal.Signals._value2member_map_ else self.signum
+        where = "before it started" if self.iteration is None else f"at meta-iteration {self.iteration} (checkpoint written)"
+        return f"stopped by {name} {where} in {self.run_dir}"
+
+
+class _Flag:
+    value = 0
+
+
+#: the number of the signal that asked training to stop (0: none); a ``--jobs`` worker process
+#: shares its parent's (a ``multiprocessing`` value)
+_STOP = _Flag()
+
+
+def request_stop(signum: int = signal.SIGINT) -> None:
+    """Ask every :func:`fit` of this process to stop at the end of its current meta-iteration."""
+    _STOP.value = int(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """While active (in the main thread): the first of ``signals`` makes training stop at a safe
+    point, the end of the current meta-iteration, after writing a checkpoint (:func:`fit` raises
+    :class:`Stopped`); a second one stops at once (``KeyboardInterrupt``; the last checkpoint stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP.value:
+            raise KeyboardInterrupt
+        _STOP.value = signum
+
+    _STOP.value = 0
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.value = 0
+
+
+def _stop_signal(group) -> int:
+    """The signal that asked to stop (0: none); with a process group, that of any rank, so that all stop together."""
+    value = int(_STOP.value)
+    if group is None:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64, device=distributed._collective_device(group))
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    return int(flag.item())
 
 
 def _validate(cfg: dict) -> dict:
@@ -208,6 +274,9 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
     group = distributed.resolve(group)
     cfg = distributed.agree(lambda: _validate(dict(cfg)), group, what="training config")
     main = distributed.is_main(group)
+    stop = _stop_signal(group)
+    if stop:  # asked to stop before this fit began: leave its folder as it is
+        raise Stopped(stop, None, str(run_dir))
     if device is not None:
         device = torch.device(device)
         learner.to(device)
@@ -288,15 +357,25 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         if it % cfg["eval_every"] == 0 or it == cfg["iterations"]:
             new.append(validate(it))
         log(new)
-        if it % cfg["checkpoint_every"] == 0 or it == cfg["iterations"]:
+        saved = it % cfg["checkpoint_every"] == 0 or it == cfg["iterations"]
+        if saved:
             distributed.on_main(lambda: checkpoint(it), group)
         if on_validate is not None:
             for rec in new:
                 if "val_loss" in rec:
                     distributed.on_main(lambda: on_validate(rec), group)
+        stop = _stop_signal(group)
+        if stop:  # SIGINT / SIGTERM: a safe point, with its checkpoint
+            if not saved:
+                distributed.on_main(lambda: checkpoint(it), group)
+            bar.close()
+            raise Stopped(stop, it, str(run_dir))
     bar.close()
     if start >= cfg["iterations"]:
         distributed.on_main(lambda: ckpt_path.exists() or checkpoint(cfg["iterations"]), group)
+    stop = _stop_signal(group)
+    if stop:  # trained to the end (checkpoint written); resuming evaluates it
+        raise Stopped(stop, cfg["iterations"], str(run_dir))
 
     summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
                              batch=cfg["eval_batch"], device=device, group=group)

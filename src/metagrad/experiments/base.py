@@ -305,41 +305,94 @@ def _train_variant(experiment: Experiment, config: dict, name: str, out_dir: Pat
 _WORKER: dict = {}  # in a worker process of _train_parallel: its progress-bar line
 
 
-def _init_worker(slots, threads: int) -> None:
+def _init_worker(slots, threads: int, stop, parent: int) -> None:
+    _die_with_parent(parent)
+    import signal
+
+    from .. import train
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which asks every worker to stop
+    train._STOP = stop  # the parent's request to stop at a safe point
     torch.set_num_threads(threads)
     with slots.get_lock():
         _WORKER["position"] = slots.value
         slots.value += 1
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this (worker) process when process ``parent`` ends, however it ends, so that no worker
+    trains on into a run folder that its parent has left: Linux's ``PR_SET_PDEATHSIG`` (SIGKILL),
+    and a thread that watches the parent's pid (elsewhere, and against a race at start)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread below does it
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the line above could take effect
+        os._exit(1)
+    threading.Thread(target=watch, name="metagrad-parent-watch", daemon=True).start()
+
+
 def _worker_fit(experiment: Experiment, config: dict, name: str, out_dir: Path, resume: bool, progress: bool,
                 device) -> dict:
+    from ..train import _STOP, Stopped
+
+    if _STOP.value:  # the run is stopping: do not start this variant
+        raise Stopped(_STOP.value, None, str(out_dir / name))
     return _train_variant(experiment, config, name, out_dir, resume=resume, progress=progress, device=device,
                           position=_WORKER.get("position"))
 
 
 def _train_parallel(experiment: Experiment, config: dict, names: list[str], out_dir: Path, jobs: int, *,
                     resume: bool, progress: bool, device) -> dict:
-    """:func:`_train_variant` for every name, ``jobs`` processes at a time; results in ``names`` order."""
+    """:func:`_train_variant` for every name, ``jobs`` processes at a time; results in ``names`` order.
+
+    The workers die with this process. A stop asked of this process (:func:`metagrad.train.
+    stop_on_signals`) is passed on to them: each stops at its safe point, and once all have,
+    :class:`~metagrad.train.Stopped` is raised here."""
     import multiprocessing
+    import os
     import time
+
+    from .. import train
 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
     jobs = min(jobs, len(names))
     threads = max(1, torch.get_num_threads() // jobs)
-    with ctx.Pool(jobs, initializer=_init_worker, initargs=(ctx.Value("i", 0), threads)) as pool:
+    stop = ctx.RawValue("i", 0)
+    with ctx.Pool(jobs, initializer=_init_worker, initargs=(ctx.Value("i", 0), threads, stop, os.getpid())) as pool:
         pending = {name: pool.apply_async(_worker_fit, (experiment, config, name, out_dir, resume, progress,
                                                         None if device is None else str(device)))
                    for name in names}
-        results = {}
+        results, stopped = {}, None
         while pending:  # poll, so that a failure stops the others at once
+            if train._STOP.value and not stop.value:
+                stop.value = int(train._STOP.value)
             for name in [n for n, r in pending.items() if r.ready()]:
                 try:
                     results[name] = pending.pop(name).get()
+                except train.Stopped as err:
+                    stopped = stopped if stopped is not None and stopped.iteration is not None else err
                 except Exception as err:  # the pool's exit terminates the other workers
                     raise prefixed(err, f"variant {name!r}: ") from err
             if pending:
                 time.sleep(0.2)
+        if stopped is not None:
+            raise stopped
     return {name: results[name] for name in names}
 
 
