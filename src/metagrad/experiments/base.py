@@ -391,6 +391,8 @@ def _train_parallel(experiment: Experiment, config: dict, names: list[str], out_
                     raise prefixed(err, f"variant {name!r}: ") from err
             if pending:
                 time.sleep(0.2)
+        pool.close()  # every variant has ended: let the workers exit on their own (terminating them
+        pool.join()   # can leave a semaphore behind, which the resource tracker then reports)
         if stopped is not None:
             raise stopped
     return {name: results[name] for name in names}
