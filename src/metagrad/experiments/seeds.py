@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from .. import _lock
-from .._io import read_json, write_json
+from .._io import clean_tmp, read_json, write_json
 from ..config import _split_override
 from ._report import fmt_g, fmt_overrides, md_table, numeric_leaves, write_text
 from .base import Experiment, _check_variants, _longer, _selected, read_resumable, run
@@ -69,6 +69,7 @@ def run_seeds(experiment: Experiment, out_dir: str | Path, seeds, overrides=(), 
         _check_variants(experiment, config, _selected(experiment, config), out_dir, False)  # builds each variant
     out_dir.mkdir(parents=True, exist_ok=True)
     with _lock.hold(out_dir, what="multi-seed run"):  # one process at a time writes the plan and seed folders
+        clean_tmp(out_dir, depth=0)  # what a killed write of seeds.json left (run() cleans the seed folders)
         plan = {"experiment": experiment.name, "seeds": seeds, "overrides": [list(p) for p in dict(base + pairs).items()],
                 "variants": list(variants) if variants else None}
         write_json(plan_path, plan)
