@@ -16,8 +16,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
     On any error the temporary file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be readable
         with os.fdopen(fd, mode) as f:
@@ -25,10 +28,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise _naming(err, path) from None  # the file meant, not the temporary one
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` (the same type and errno) naming ``path``, the file being written."""
+    return type(err)(err.errno, err.strerror, str(path))
 
 
 def clean_tmp(folder: str | os.PathLike, *, depth: int = 1) -> list[Path]:
@@ -68,5 +78,10 @@ def write_json(path, obj: Any) -> None:
 
 
 def read_json(path) -> Any:
+    """The JSON in ``path``; ``ValueError`` naming the file where it is not valid JSON."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): it was truncated or edited by hand; "
+                             f"repair it, or restore it from a copy") from None

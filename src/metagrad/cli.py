@@ -6,15 +6,18 @@ processes (:mod:`metagrad.distributed`): the same results as one process, rank 0
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import distributed
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
 from .experiments.seeds import run_seeds, seeds_table
 from ._io import read_json
+from .data.download import DownloadError
 from .train import Stopped, stop_on_signals
 
 
@@ -24,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the experiments")
     r = sub.add_parser("run", help="run (or resume) an experiment")
     r.add_argument("name", help="experiment name (see `metagrad list`)")
-    r.add_argument("--out", required=True, type=Path, help="run directory")
+    r.add_argument("--out", required=True, type=_folder, help="run directory")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, JSON value); repeatable")
     r.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
@@ -40,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run once per seed into DIR/seed-S (config seed=S) and write DIR/seeds.json and seeds.md: "
                         "mean and 95%% CI (t-distribution) across seeds of every number of the summaries")
     e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoints on fresh held-out tasks")
-    e.add_argument("dir", type=Path, help="run directory")
+    e.add_argument("dir", type=_folder, help="run directory")
     e.add_argument("--tasks", type=int, default=None, help="number of evaluation tasks")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluate under a changed config value (e.g. test_queries=1); repeatable")
@@ -51,14 +54,14 @@ def _parser() -> argparse.ArgumentParser:
                                      "one's experiment and write its report (nothing is retrained)")
     m.add_argument("sources", nargs="+", type=Path, metavar="DIR",
                    help="run directories to combine; runs of another experiment add the variants both have")
-    m.add_argument("--out", required=True, type=Path, help="the merged run directory (must not exist)")
+    m.add_argument("--out", required=True, type=_folder, help="the merged run directory (must not exist)")
     m.add_argument("--ignore", action="append", default=[], metavar="KEY",
                    help="a config key that may differ between the runs, e.g. vectorize or train.checkpoint_every "
                         "(dotted for nested keys; repeatable)")
     s = sub.add_parser("sweep", help="search config values of an experiment with Optuna (TPE with pruning, or a "
                                      "grid); running it again continues the sweep")
     s.add_argument("name", help="experiment name (see `metagrad list`)")
-    s.add_argument("--out", required=True, type=Path,
+    s.add_argument("--out", required=True, type=_folder,
                    help="sweep directory: the study (sweep.journal), one run folder per trial, sweep.json/.md/.png")
     s.add_argument("--param", dest="params", action="append", required=True, metavar="KEY=SPEC",
                    help="a config key to search: loguniform:LOW:HIGH, uniform:LOW:HIGH, int:LOW:HIGH, "
@@ -79,6 +82,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _folder(text: str):
+    """A folder argument as a ``Path``; an empty one stays ``""`` (``Path("")`` would be the
+    current folder), for :func:`_check_folders` to refuse by name."""
+    return Path(text) if text.strip() else ""
+
+
+def _check_folders(args) -> None:
+    """Refuse an empty ``--out`` / run folder, and an ``--out`` that names an existing file."""
+    for attr, flag in (("out", "--out"), ("dir", "the run folder")):
+        value = getattr(args, attr, None)
+        if value == "":
+            raise ValueError(f"{flag} must name a folder, got an empty string")
+        if attr == "out" and value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"--out {value} is an existing file, not a folder; choose another --out")
+
+
+#: what to do about an operating-system error, by errno
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there or choose an --out on another disk, then run again "
+                  "(with --resume where a run had started)",
+    errno.EDQUOT: "the disk quota is exhausted: free space or choose an --out on another disk",
+    errno.EACCES: "permission denied: choose an --out you can write to, or change the folder's permissions",
+    errno.EPERM: "operation not permitted: choose an --out you can write to, or change the folder's permissions",
+    errno.EROFS: "the file system is read-only: choose an --out on a writable disk",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder where a file was expected: choose another path",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """One line naming the file of ``err`` and what to do about it."""
+    if err.errno is None or not err.strerror:
+        return str(err)  # a message of ours, which names its file already
+    where = f"{err.filename}: " if err.filename is not None else ""
+    hint = _OS_HINTS.get(err.errno)
+    return f"{where}{err.strerror}" + (f"; {hint}" if hint else "")
+
+
 def _device(name: str | None):
     """Check a ``--device`` value before any work starts."""
     if name is None:
@@ -91,6 +132,14 @@ def _device(name: str | None):
         raise ValueError(f"--device {name!r} is not a torch device: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "meta":
+        raise ValueError(f"--device {name!r}: meta tensors hold no data, so nothing can be trained or evaluated "
+                         f"there; use cpu or cuda")
+    try:  # e.g. cuda:7 on a one-GPU machine, mps without Apple silicon
+        (torch.zeros(2, device=device) + 1).sum().item()
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--device {name!r} is not usable on this machine: {first}") from None
     return device
 
 
@@ -99,7 +148,11 @@ def _experiment_of(run_dir: Path):
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} does not exist: not a metagrad run directory")
-    return get_experiment(read_json(cfg_path)["experiment"])
+    config = read_json(cfg_path)
+    if not isinstance(config, dict) or not isinstance(config.get("experiment"), str):
+        raise ValueError(f"{cfg_path} is not a metagrad run's config (no \"experiment\" name in it); "
+                         f"point at the folder that `metagrad run` wrote")
+    return get_experiment(config["experiment"])
 
 
 def _start_distributed(args) -> bool:
@@ -132,10 +185,22 @@ def _resume_command(args) -> str:
     return shlex.join(words)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (``metagrad: warning: ...``), without the source line."""
+    print(f"metagrad: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # restores the warning display of whoever called main()
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     started = False
     try:
+        _check_folders(args)
         started = _start_distributed(args)
         if args.command == "list":
             width = max(len(n) for n in EXPERIMENTS.names())
@@ -189,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metagrad: interrupted" + (f"; the last checkpoint stays, continue with: {_resume_command(args)}"
                                           if args.command == "run" else ""), file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (ValueError, TypeError, ModuleNotFoundError, DownloadError) as err:
         print(f"metagrad: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # FileExistsError, FileNotFoundError, a read-only folder, a full disk, ...
+        print(f"metagrad: error: {_os_error(err)}", file=sys.stderr)
         return 2
     finally:
         if started:

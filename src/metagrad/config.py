@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Any, Iterable, Mapping
+
+
+#: the largest integer a config value may hold (counts of iterations, tasks, steps; a seed): beyond it
+#: nothing finishes, and a float such as 1e30 has lost the integer it was meant to be
+MAX_INT = 10**12
 
 
 def flat_items(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -45,10 +51,14 @@ def _coerce(key: str, old: Any, new: Any) -> Any:
     if isinstance(old, int) and not isinstance(old, bool):
         if isinstance(new, bool) or not isinstance(new, (int, float)) or (isinstance(new, float) and not new.is_integer()):
             raise ValueError(f"config key {key!r} expects an integer, got {new!r}")
+        if abs(new) > MAX_INT:
+            raise ValueError(f"config key {key!r} expects an integer of at most {MAX_INT:.0e} in size, got {new!r}")
         return int(new)
     if isinstance(old, float):
         if isinstance(new, bool) or not isinstance(new, (int, float)):
             raise ValueError(f"config key {key!r} expects a number, got {new!r}")
+        if not math.isfinite(new):
+            raise ValueError(f"config key {key!r} expects a finite number, got {new!r}")
         return float(new)
     if isinstance(old, str):
         if not isinstance(new, str):

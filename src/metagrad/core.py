@@ -175,8 +175,8 @@ class MetaLearner(nn.Module):
         to the schedule's test steps.
         """
         self.problem.check_functional()
-        batch = TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]).validate()
-        steps = self.schedule.eval_steps if steps is None else steps
+        batch = self._checked(TaskBatch(support_x[None], support_y[None], support_x[None], support_y[None]))
+        steps = _check_steps(self.schedule.eval_steps if steps is None else steps)
         result = inner_loop(self.problem, self.meta_parameters(), batch.support_x[0], batch.support_y[0], steps=steps,
                             training=False)
         _check_finite(result.losses[None], "inner")
@@ -205,7 +205,7 @@ class MetaLearner(nn.Module):
         meta_params = self._detached_meta_parameters()
 
         def compute():
-            tasks = _as_batch(batch)
+            tasks = self._checked(batch)
             grads, objective, aux = self.meta_gradient.gradient(self.problem, meta_params, tasks, vectorize)
             return tasks.num_tasks, (grads, objective.detach()), aux
 
@@ -246,8 +246,8 @@ class MetaLearner(nn.Module):
         (training, by contrast, raises on any non-finite inner loss). A non-finite support loss
         before the first step means bad input and raises ``ValueError`` naming the task.
         """
-        batch = _as_batch(batch)
-        steps = self.schedule.eval_steps if steps is None else steps
+        batch = self._checked(batch)
+        steps = _check_steps(self.schedule.eval_steps if steps is None else steps)
         vectorize = self.vectorize if vectorize is None else vectorize
 
         problem = self.problem
@@ -265,6 +265,19 @@ class MetaLearner(nn.Module):
         out = map_tasks(task_eval, self._detached_meta_parameters(), batch, vectorize)
         _check_finite(out.pop("inner_loss"), "inner")
         return out
+
+    def _checked(self, batch) -> TaskBatch:
+        """``batch`` as a validated :class:`TaskBatch` that fits the model: raises ``ValueError``
+        naming the tensor, its shape and dtype and what the model expects (instead of a torch error
+        deep inside ``vmap``). Checked once per batch signature (shapes, dtypes, devices)."""
+        batch = _as_batch(batch)
+        key = (tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in batch),
+               tuple((p.dtype, p.device) for p in self.model.parameters()))
+        seen = self.__dict__.setdefault("_fits", set())
+        if key not in seen:
+            _check_fits(self, batch)
+            seen.add(key)
+        return batch
 
     def clone(self, *, first_order: bool | None = None, allow_unused: bool | None = None,
               allow_nograd: bool | None = None) -> "TaskModel":
@@ -519,6 +532,79 @@ def _as_batch(batch) -> TaskBatch:
         else:
             raise TypeError(f"expected a TaskBatch (support_x, support_y, query_x, query_y), got {type(batch).__name__}")
     return batch.validate()
+
+
+def _check_steps(steps) -> int:
+    """``steps`` if it is a non-negative integer, else ``ValueError`` naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    return steps
+
+
+def _first_layer(model: nn.Module) -> str:
+    """What the model's first layer with a weight takes, in words (for error messages)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return f"its first layer {name!r} takes {m.in_features} input features (inputs [..., {m.in_features}])"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return f"its first layer {name!r} takes {m.in_channels} input channels"
+    return f"the model is {type(model).__name__}"
+
+
+def _describe(name: str, t: Tensor) -> str:
+    return f"{name} of shape {list(t.shape)} ({t.dtype}, {t.device})"
+
+
+def _torch_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_fits(learner: "MetaLearner", batch: TaskBatch) -> None:
+    """Raise ``ValueError`` where ``batch`` does not fit ``learner``'s model: a tensor on another
+    device, or floating point of another dtype, than the parameters; inputs the model cannot take;
+    targets the loss cannot use (integers shaped like a floating-point output, or shapes that would
+    broadcast to something larger than both)."""
+    params = list(learner.model.parameters())
+    if not params:
+        return
+    dtype, device = params[0].dtype, params[0].device
+    for name, t in zip(batch._fields, batch):
+        if t.device != device:
+            raise ValueError(f"{_describe(name, t)} is not on the model's device {device}; move the batch "
+                             f"(batch.to({str(device)!r})) or the learner")
+        if t.is_floating_point() and t.dtype != dtype:
+            raise ValueError(f"{_describe(name, t)} does not match the model's {dtype} parameters; convert the "
+                             f"batch (TaskBatch(*(t.to({dtype}) for t in batch))) or the learner (learner.to({dtype}))")
+    for xname, yname, x, y in (("support_x", "support_y", batch.support_x, batch.support_y),
+                               ("query_x", "query_y", batch.query_x, batch.query_y)):
+        try:
+            with torch.no_grad():
+                pred = learner.problem.forward({}, x[0])
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"{_describe(xname, x)} does not fit the model: {_first_layer(learner.model)} "
+                             f"(torch: {_torch_line(err)})") from None
+        if not isinstance(pred, Tensor):
+            return
+        if pred.is_floating_point() and not (y.is_floating_point() or y.is_complex()) and y[0].shape == pred.shape:
+            raise ValueError(f"{_describe(yname, y)} holds integers but the model's output per task is "
+                             f"{list(pred.shape)} {pred.dtype}: regression targets must be floating point "
+                             f"(convert with .to({pred.dtype})); class labels have no output dimension")
+        if y.is_floating_point():
+            try:
+                shape = torch.broadcast_shapes(pred.shape, y[0].shape)
+            except RuntimeError:
+                shape = None
+            if shape is None or (shape != pred.shape and shape != y[0].shape):
+                raise ValueError(f"{_describe(yname, y)} does not match the model's output per task "
+                                 f"{list(pred.shape)}: each task's targets should have shape {list(pred.shape)}"
+                                 + ("" if shape is None else f" (they would broadcast to {list(shape)})"))
+        try:
+            with torch.no_grad():
+                learner.loss_fn(pred, y[0])
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise ValueError(f"{_describe(yname, y)} does not fit the loss on the model's output "
+                             f"{list(pred.shape)} {pred.dtype} (torch: {_torch_line(err)})") from None
 
 
 def _check_finite(losses: Tensor, which: str) -> None:

@@ -424,6 +424,12 @@ def objective_value(summary: dict, key: str, folder: Path | str = "the run") -> 
         raise ValueError(f"{Path(folder) / 'summary.json'} has no numeric key {key!r}; its keys: {', '.join(keys)} "
                          f"(list items by index, e.g. KEY.0)")
     value = leaves[key]
+    parent = summary  # the dict that holds ``key``: its count of diverged tasks makes the value diverged
+    for part in key.split(".")[:-1]:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    if isinstance(parent, dict) and any(isinstance(parent.get(k), int) and not isinstance(parent.get(k), bool)
+                                        and parent[k] > 0 for k in ("diverged", "diverged_tasks")):
+        return None  # a mean over the tasks that did not diverge must not look better than it is
     return None if value is None or not math.isfinite(value) else value
 
 

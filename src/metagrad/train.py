@@ -21,6 +21,7 @@ import io
 import json
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from ._errors import prefixed
 from ._io import atomic_open, write_json
 from .core import MetaLearner
 from .metrics import mean_ci95
@@ -164,7 +166,7 @@ def _evaluate(learner: MetaLearner, batch: TaskBatch, group, device, steps: int 
 
 def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, batch: int = 500,
                    steps: int | None = None, device: str | torch.device | None = None,
-                   group=distributed.AUTO) -> dict:
+                   group=distributed.AUTO, name: str | None = None) -> dict:
     """Evaluate on ``num_tasks`` tasks drawn from ``family`` with a fixed seed.
 
     ``device``: where the tasks are moved before evaluation (the learner must be there already);
@@ -175,8 +177,9 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
 
     Returns ``{"loss": {"mean", "ci95", "by_step", "diverged"}, "metric": {...}}`` where the mean
     and CI are after the final inner step, ``by_step`` lists the mean after 0..steps steps and
-    ``diverged`` counts tasks whose final value is not finite. Means over values that are not all
-    finite are reported as ``None`` (JSON null).
+    ``diverged`` counts tasks whose final value is not finite. The diverged tasks are left out of
+    every mean and CI (which are over the other tasks, and ``None``, JSON null, where none is
+    left), and a warning naming ``name`` (e.g. the variant) and their count is issued.
     """
     group = distributed.resolve(group)
     gen = torch.Generator().manual_seed(seed)
@@ -191,10 +194,19 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
     result = {}
     for k, parts in chunks.items():
         values = torch.cat(parts).double().cpu()  # [tasks, steps + 1]
-        finite = torch.isfinite(values)
-        mean, ci = mean_ci95(values[:, -1]) if finite[:, -1].all() else (None, None)
-        by_step = [m if ok else None for m, ok in zip(values.mean(0).tolist(), finite.all(0).tolist())]
-        result[k] = {"mean": mean, "ci95": ci, "by_step": by_step, "diverged": int((~finite[:, -1]).sum())}
+        kept = values[torch.isfinite(values[:, -1])]  # the tasks that did not diverge
+        mean, ci = mean_ci95(kept[:, -1]) if len(kept) else (None, None)
+        by_step = []
+        for column in kept.T:  # a kept task may still be non-finite at an earlier step
+            column = column[torch.isfinite(column)]
+            by_step.append(column.mean().item() if len(column) else None)
+        result[k] = {"mean": mean, "ci95": ci, "by_step": by_step, "diverged": len(values) - len(kept)}
+    diverged = result.get("loss", {}).get("diverged", 0)
+    if diverged and distributed.is_main(group):
+        warnings.warn(f"{name or 'evaluation'}: {diverged} of {num_tasks} evaluation tasks diverged (non-finite "
+                      f"query loss after adaptation); means are over the other {num_tasks - diverged}"
+                      + ("" if diverged < num_tasks else " (none)") + "; try a smaller inner learning rate",
+                      RuntimeWarning, stacklevel=2)
     result["tasks"] = num_tasks
     return result
 
@@ -230,7 +242,24 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint in ``path``; ``ValueError`` naming it where it is truncated, corrupt or not
+    a metagrad checkpoint (what to do: delete it and train again, or restore it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, MemoryError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise
+        state = err
+    except Exception as err:  # pickle, zip and torch errors of a truncated or foreign file
+        state = err
+    if isinstance(state, BaseException):
+        first = str(state).strip().splitlines()[0] if str(state).strip() else type(state).__name__
+        raise ValueError(f"{path} is truncated or corrupt ({type(state).__name__}: {first.split('. ')[0][:160]}); delete it "
+                         f"to train that variant again from the start, or restore it from a copy") from None
+    if not isinstance(state, dict) or not isinstance(state.get("learner"), dict):
+        raise ValueError(f"{path} is not a metagrad checkpoint (a {type(state).__name__} without a 'learner' "
+                         f"state); remove it, or point at a run folder that `metagrad run` wrote")
+    return state
 
 
 def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str | Path, *,
@@ -347,8 +376,11 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
                position=position)
     for i in bar:
         it = i + 1
-        stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device, group), optimizer,
-                                  group=group)
+        try:
+            stats = learner.meta_step(_draw(train_family, cfg["meta_batch_size"], gen, device, group), optimizer,
+                                      group=group)
+        except ValueError as err:  # e.g. a diverged inner loop: say which variant and meta-iteration
+            raise prefixed(err, f"{desc or run_dir.name}: meta-iteration {it}: ") from err
         new = []
         if it % cfg["log_every"] == 0 or it == cfg["iterations"]:
             new.append({"iteration": it, "meta_objective": stats["meta_objective"].item(),
@@ -378,7 +410,7 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
         raise Stopped(stop, cfg["iterations"], str(run_dir))
 
     summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
-                             batch=cfg["eval_batch"], device=device, group=group)
+                             batch=cfg["eval_batch"], device=device, group=group, name=desc or run_dir.name)
     summary["iterations"] = cfg["iterations"]
     if device is not None:
         summary["device"] = str(device)
