@@ -48,7 +48,7 @@ from ..models import MLP
 from ..schedule import Schedule
 from ..tasks.ratings import UserTasks, split_users, user_matrix
 from . import _plot
-from ._report import md_table, write_text
+from ._report import finite_columns, md_table, write_text
 from .amaml_regression import LABELS, AmamlRegression, check_available
 from .base import Variant, trained_variant
 
@@ -272,12 +272,14 @@ class AmamlCF(AmamlRegression):
                 values, rmse = self.test_errors(variant.learner, variant.eval_family, max(grid + [steps]),
                                                 config["split_seed"])
                 per_task[m] = values[:, steps]
-                mean, ci = mean_ci95(values[:, steps])
+                stats = finite_columns(values, f"{self.name}:{panel}-{m}", column=steps)  # diverged users left out
+                kept = stats["kept"]
+                mean, ci = mean_ci95(values[kept, steps]) if kept.any() else (math.nan, math.nan)
                 rows[m] = {
                     "test_steps": steps, "nrmse_mean": mean, "nrmse_ci95": ci,
-                    "nrmse_std": values[:, steps].std().item(), "rmse_mean": rmse[:, steps].mean().item(),
-                    "nonfinite": int((~torch.isfinite(values[:, steps])).sum()),
-                    "curve": [values[:, k].mean().item() for k in grid],
+                    "nrmse_std": values[kept, steps].std().item(), "rmse_mean": rmse[kept, steps].mean().item(),
+                    "nonfinite": stats["diverged"],
+                    "curve": [math.nan if stats["mean"][k] is None else stats["mean"][k] for k in grid],
                     "paper": PAPER.get(long, {}).get(dataset, {}).get(shots, {}).get(m),
                     "meta_gradient": mg, "options": options, "test_tasks": values.shape[0],
                     "per_task_nrmse": values[:, steps].tolist(),

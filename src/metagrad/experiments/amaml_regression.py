@@ -52,7 +52,7 @@ from ..models import MLP
 from ..schedule import Schedule
 from ..tasks import REGRESSION_FAMILIES, TaskBatch
 from . import _plot
-from ._report import md_table, write_text
+from ._report import finite_columns, md_table, write_text
 from .base import Experiment, Variant, trained_variant
 
 LABELS = {"a-maml": "A-MAML", "maml": "MAML", "maml-1": "MAML-1", "fomaml": "FOMAML",
@@ -260,14 +260,13 @@ class AmamlRegression(Experiment):
                 name = f"{panel}-{m}"
                 variant, _ = trained_variant(self, config, out_dir, name)
                 values = self.nrmse_curve(variant.learner, batch, grid, chunk=config["eval_chunk"])
-                finite = torch.isfinite(values).all(0)
-                mean = [v if ok else None for v, ok in zip(values.mean(0).tolist(), finite.tolist())]
-                std = [v if ok else None for v, ok in zip(values.std(0).tolist(), finite.tolist())]
+                stats = finite_columns(values, f"{self.name}:{name}")  # diverged tasks left out, counted
+                mean, std = stats["mean"], stats["std"]
                 mg, steps, options = self.method_setup(config, m, long, maml)
                 fit = results.get(name, {}).get("metric", {})
                 rows[m] = {
                     "final_nrmse_mean": mean[-1], "final_nrmse_std": std[-1],
-                    "diverged": int((~torch.isfinite(values[:, -1])).sum()),
+                    "diverged": stats["diverged"],
                     "nrmse_mean": mean, "nrmse_std": std,
                     "meta_gradient": mg, "train_steps": steps, "options": options,
                     "val_steps_nrmse": fit.get("mean"), "test_tasks": batch.num_tasks,
