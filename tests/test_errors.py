@@ -327,3 +327,12 @@ def test_targets_that_would_broadcast():
 def test_a_fitting_batch_still_evaluates():
     out = _learner().evaluate(_batch(), steps=2)
     assert out["loss"].shape == (2, 3) and torch.isfinite(out["loss"]).all()
+
+
+def test_reports_give_the_diverged_count_beside_the_mean(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "linreg-depth", "--out", str(out), "--set", "quick=true", "--set", "train.iterations=2",
+                 "--set", "train.val_tasks=5", "--set", "train.eval_tasks=20", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for variant in ("shallow", "deep"):
+        assert summary[variant]["diverged_tasks"] == 0 and summary[variant]["post_adapt_mse"] is not None

@@ -66,7 +66,7 @@ class LinregDepth(Experiment):
                 "post_adapt_mse": res["metric"]["mean"],
                 "post_adapt_mse_ci95": res["metric"]["ci95"],
                 "pre_adapt_mse": res["metric"]["by_step"][0],
-                "eval_tasks": res["tasks"],
+                "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
         summary["noise_floor_mse"] = 1.0
         summary["shallow_theory_mse"] = 1.0 + (1.0 - config["inner_lr"]) ** 2

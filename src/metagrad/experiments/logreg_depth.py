@@ -51,7 +51,7 @@ def adaptation_summary(res: dict, label: str, *, pre_adapt_loss: bool = False) -
     }
     if pre_adapt_loss:
         entry["pre_adapt_loss"] = res["loss"]["by_step"][0]
-    return entry | {"eval_tasks": res["tasks"]}
+    return entry | {"diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"]}
 
 
 class LogregDepth(Experiment):

@@ -130,7 +130,8 @@ class OmniglotMAML(Experiment):
         for name, res in results.items():
             summary[name] = {
                 "accuracy": res["metric"]["mean"], "accuracy_ci95": res["metric"]["ci95"],
-                "accuracy_by_step": res["metric"]["by_step"], "test_tasks": res["tasks"],
+                "accuracy_by_step": res["metric"]["by_step"], "diverged_tasks": res["loss"]["diverged"],
+                "test_tasks": res["tasks"],
                 "iterations": res["iterations"],
             }
             xs, ys = _plot.val_curve(out_dir / name, "val_metric")

@@ -112,7 +112,8 @@ class WormholeMNIST(Experiment):
                 "method": method, "steps": k, "error": None if acc is None else 1 - acc,
                 "error_ci95": res["metric"]["ci95"], "query_ce": res["loss"]["mean"],
                 "error_before_adapt": None if res["metric"]["by_step"][0] is None else 1 - res["metric"]["by_step"][0],
-                "paper_error": PAPER_MNIST.get(method, {}).get(k), "eval_tasks": res["tasks"],
+                "paper_error": PAPER_MNIST.get(method, {}).get(k), "diverged_tasks": res["loss"]["diverged"],
+                "eval_tasks": res["tasks"],
                 "iterations": res["iterations"]}
         plot_by_steps(config, results, out_dir, "wormhole_mnist.png", key="val_metric", per_epoch=bpe,
                       ylabel="meta-test error (held-out images)", labels=LABELS,

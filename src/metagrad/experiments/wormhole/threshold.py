@@ -174,7 +174,7 @@ class WormholeThreshold(Experiment):
                 "method": method, "steps": k, "query_ce_mean": ce, "query_ce_ci95": res["loss"]["ci95"],
                 "query_ce_sum": None if ce is None else ce * q, "accuracy": res["metric"]["mean"],
                 "pre_adapt_ce": res["loss"]["by_step"][0], "paper_ce": PAPER_TABLE1.get(method, {}).get(k),
-                "eval_tasks": res["tasks"],
+                "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
         plot_by_steps(config, results, out_dir, "wormhole_threshold.png", key="val_loss",
                       per_epoch=config["batches_per_epoch"], ylabel="query cross-entropy (held-out tasks)",

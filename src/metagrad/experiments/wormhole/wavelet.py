@@ -126,7 +126,8 @@ class WormholeWavelet(Experiment):
             entry = {"method": method, "steps": k, "query_mse": mse, "query_mse_ci95": res["loss"]["ci95"],
                      "query_sse": None if mse is None else mse * q, "query_mae": res["metric"]["mean"],
                      "pre_adapt_mse": res["loss"]["by_step"][0], "filter_l1": self.filter_l1(meta, config),
-                     "paper": PAPER_WAVELET.get(method, {}).get(k), "eval_tasks": res["tasks"],
+                     "paper": PAPER_WAVELET.get(method, {}).get(k), "diverged_tasks": res["loss"]["diverged"],
+                     "eval_tasks": res["tasks"],
                      "meta_w": meta_w[name].tolist()}
             summary["variants"][name] = entry
 
