@@ -10,3 +10,5 @@ find results/seeds -name checkpoint.pt -delete
 # Wormhole Avg-Threshold (Table 1) at full settings, the paper's reading (tau ~ U[0, 1]):
 OMP_NUM_THREADS=1 metagrad run wormhole-threshold --out results/seeds/wormhole-threshold --seeds 0 1 2 --jobs 2 --no-progress
 find results/seeds -name checkpoint.pt -delete
+OMP_NUM_THREADS=1 metagrad run wormhole-wavelet --out results/seeds/wormhole-wavelet --seeds 0 1 2 --jobs 2 --no-progress
+find results/seeds -name checkpoint.pt -delete
