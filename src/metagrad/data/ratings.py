@@ -135,14 +135,15 @@ def _table(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> tuple:
     return index, torch.from_numpy(ratings.astype(np.float32)), meta
 
 
-def _zip_member(path: Path, suffix: str) -> bytes:
-    """The bytes of the one member of the zip ``path`` whose name ends with ``suffix``."""
+def _zip_member(path: Path, suffix: str | tuple[str, ...]) -> tuple[str, bytes]:
+    """The name and bytes of the one member of the zip ``path`` whose name ends with ``suffix``
+    (one of them, for a tuple)."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.endswith(suffix)]
             if len(names) != 1:
                 raise CorruptFileError(f"{path}: expected one member ending in {suffix!r}, found {names or 'none'}")
-            return zf.read(names[0])
+            return names[0], zf.read(names[0])
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise CorruptFileError(f"{path}: not a readable zip archive (truncated or corrupt download?): {e}") from e
 
@@ -182,14 +183,8 @@ def read_jester_table(path: str | os.PathLike) -> np.ndarray:
     the wrong length, a rating is out of range or a count disagrees with its row."""
     path = Path(path)
     if path.suffix == ".zip":
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = [n for n in zf.namelist() if n.endswith((".xls", ".csv"))]
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CorruptFileError(f"{path}: not a readable zip archive (truncated or corrupt download?): {e}") from e
-        if len(names) != 1:
-            raise CorruptFileError(f"{path}: expected one .xls or .csv member, found {names or 'none'}")
-        data, kind = _zip_member(path, names[0]), Path(names[0]).suffix
+        name, data = _zip_member(path, (".xls", ".csv"))
+        kind = Path(name).suffix
     else:
         data, kind = path.read_bytes(), path.suffix
     table = _parse_jester_xls(data, path) if kind == ".xls" else _parse_jester_csv(data, path)
@@ -264,7 +259,7 @@ def read_movielens(path: str | os.PathLike, version: str) -> np.ndarray:
     file itself or the official zip holding it."""
     path = Path(path)
     member, sep, _ = _MOVIELENS[version]
-    data = _zip_member(path, member) if path.suffix == ".zip" else path.read_bytes()
+    data = _zip_member(path, member)[1] if path.suffix == ".zip" else path.read_bytes()
     numbered = [(n + 1, line) for n, line in enumerate(data.decode("latin-1").splitlines()) if line.strip()]
     lineno = np.array([n for n, _ in numbered], dtype=np.int64)
     fields = [line.split(sep) for _, line in numbered]
