@@ -288,9 +288,9 @@ class AmamlCF(AmamlRegression):
                 for m in methods:
                     if m != "a-maml":
                         rows[m]["vs_a_maml"] = paired_tests(per_task["a-maml"], per_task[m])
-            train, test = self.families(config, dataset, shots, queries)
-            references = {name: {"nrmse_mean": mean_ci95(v)[0], "nrmse_ci95": mean_ci95(v)[1]}
-                          for name, v in self.reference_errors(train, test, config["split_seed"]).items()}
+            # the panel's users are those of its variants (the last one built above)
+            references = {name: dict(zip(("nrmse_mean", "nrmse_ci95"), mean_ci95(v))) for name, v in
+                          self.reference_errors(variant.train_family, variant.eval_family, config["split_seed"]).items()}
             summary["panels"][panel] = {"dataset": dataset, "shots": shots, "queries": queries,
                                         "long_steps": long, "maml_steps": maml, "methods": rows,
                                         "references": references}
