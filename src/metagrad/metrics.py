@@ -48,3 +48,18 @@ def mean_ci95(values) -> tuple[float, float]:
     if v.numel() == 1:
         return mean, float("nan")
     return mean, 1.96 * v.std(unbiased=True).item() / math.sqrt(v.numel())
+
+
+def finite_means(values, column: int = -1) -> tuple[Tensor, list, list]:
+    """Means over tasks that leave out the diverged ones. ``values`` is ``[tasks, columns]`` (a
+    value after each inner step); a task diverged where its value in ``column`` is not finite.
+    Returns ``(kept, means, stds)``: ``kept`` bool ``[tasks]``, and per column the mean and
+    standard deviation of the kept tasks' finite values (``None`` where there is none)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    kept = torch.isfinite(values[:, column])
+    means, stds = [], []
+    for col in values[kept].T:  # a kept task may still be non-finite in another column
+        col = col[torch.isfinite(col)]
+        means.append(col.mean().item() if len(col) else None)
+        stds.append(col.std().item() if len(col) else None)
+    return kept, means, stds

@@ -32,7 +32,7 @@ from . import distributed
 from ._errors import prefixed
 from ._io import atomic_open, write_json
 from .core import MetaLearner
-from .metrics import mean_ci95
+from .metrics import finite_means, mean_ci95
 from .tasks import TaskBatch
 
 #: defaults of every training config; experiments override what they need.
@@ -194,13 +194,9 @@ def evaluate_tasks(learner: MetaLearner, family, num_tasks: int, *, seed: int, b
     result = {}
     for k, parts in chunks.items():
         values = torch.cat(parts).double().cpu()  # [tasks, steps + 1]
-        kept = values[torch.isfinite(values[:, -1])]  # the tasks that did not diverge
-        mean, ci = mean_ci95(kept[:, -1]) if len(kept) else (None, None)
-        by_step = []
-        for column in kept.T:  # a kept task may still be non-finite at an earlier step
-            column = column[torch.isfinite(column)]
-            by_step.append(column.mean().item() if len(column) else None)
-        result[k] = {"mean": mean, "ci95": ci, "by_step": by_step, "diverged": len(values) - len(kept)}
+        kept, by_step, _ = finite_means(values)  # the tasks that did not diverge
+        mean, ci = mean_ci95(values[kept, -1]) if kept.any() else (None, None)
+        result[k] = {"mean": mean, "ci95": ci, "by_step": by_step, "diverged": int((~kept).sum())}
     diverged = result.get("loss", {}).get("diverged", 0)
     if diverged and distributed.is_main(group):
         warnings.warn(f"{name or 'evaluation'}: {diverged} of {num_tasks} evaluation tasks diverged (non-finite "

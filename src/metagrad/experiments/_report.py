@@ -5,29 +5,20 @@ import math
 from pathlib import Path
 
 from .._io import atomic_open
+from ..metrics import finite_means
 
 
 def finite_columns(values, name: str, column: int = -1) -> dict:
-    """Means over tasks that leave out the diverged ones: ``values`` is ``[tasks, columns]``
-    (e.g. nRMSE after each inner step); a task diverged where its value in ``column`` is not
-    finite. Returns ``{"kept": bool [tasks], "diverged": count, "mean": [...], "std": [...]}``,
-    the means and standard deviations per column over the kept tasks' finite values (``None``
-    where there is none), and warns naming ``name`` (the variant) and the count if any diverged."""
+    """Means over tasks that leave out the diverged ones (:func:`metagrad.metrics.finite_means`):
+    ``{"kept": bool [tasks], "diverged": count, "mean": [...], "std": [...]}``; warns naming
+    ``name`` (the variant) and the count if any task diverged."""
     import warnings
 
-    import torch
-
-    values = torch.as_tensor(values, dtype=torch.float64)
-    kept = torch.isfinite(values[:, column])
-    mean, std = [], []
-    for col in values[kept].T:
-        col = col[torch.isfinite(col)]
-        mean.append(col.mean().item() if len(col) else None)
-        std.append(col.std().item() if len(col) else None)
+    kept, mean, std = finite_means(values, column)
     diverged = int((~kept).sum())
     if diverged:
-        warnings.warn(f"{name}: {diverged} of {len(values)} test tasks diverged (non-finite value); means are "
-                      f"over the other {len(values) - diverged}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{name}: {diverged} of {len(kept)} test tasks diverged (non-finite value); means are "
+                      f"over the other {len(kept) - diverged}", RuntimeWarning, stacklevel=2)
     return {"kept": kept, "diverged": diverged, "mean": mean, "std": std}
 
 
