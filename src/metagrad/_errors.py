@@ -12,6 +12,13 @@ def prefixed(err: Exception, prefix: str) -> Exception:
         return err
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type's name where the message is empty): enough
+    of a long torch or pickle error for a one-line report."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def portable(err: Exception) -> Exception:
     """``err`` if it survives pickling (to send it to another process), else a ``RuntimeError``
     naming its type and message (e.g. an exception whose constructor takes keyword arguments)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import distributed
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
 from .experiments.seeds import run_seeds, seeds_table
+from ._errors import first_line
 from ._io import read_json
 from .data.download import DownloadError
 from .train import Stopped, stop_on_signals
@@ -138,8 +139,7 @@ def _device(name: str | None):
     try:  # e.g. cuda:7 on a one-GPU machine, mps without Apple silicon
         (torch.zeros(2, device=device) + 1).sum().item()
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--device {name!r} is not usable on this machine: {first}") from None
+        raise ValueError(f"--device {name!r} is not usable on this machine: {first_line(err)}") from None
     return device
 
 
@@ -251,7 +251,7 @@ def _main(argv: list[str] | None) -> int:
             print(f"metagrad: {err}; continue with: {_resume_command(args)}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
-        print(f"metagrad: interrupted" + (f"; the last checkpoint stays, continue with: {_resume_command(args)}"
+        print("metagrad: interrupted" + (f"; the last checkpoint stays, continue with: {_resume_command(args)}"
                                           if args.command == "run" else ""), file=sys.stderr)
         return 130
     except (ValueError, TypeError, ModuleNotFoundError, DownloadError) as err:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import distributed
+from ._errors import first_line
 from .backend import Backend, make_backend
 from .gradients import MetaGradient, make_meta_gradient
 from .gradients.base import map_tasks
@@ -555,11 +556,6 @@ def _describe(name: str, t: Tensor) -> str:
     return f"{name} of shape {list(t.shape)} ({t.dtype}, {t.device})"
 
 
-def _torch_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _check_fits(learner: "MetaLearner", batch: TaskBatch) -> None:
     """Raise ``ValueError`` where ``batch`` does not fit ``learner``'s model: a tensor on another
     device, or floating point of another dtype, than the parameters; inputs the model cannot take;
@@ -583,7 +579,7 @@ def _check_fits(learner: "MetaLearner", batch: TaskBatch) -> None:
                 pred = learner.problem.forward({}, x[0])
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise ValueError(f"{_describe(xname, x)} does not fit the model: {_first_layer(learner.model)} "
-                             f"(torch: {_torch_line(err)})") from None
+                             f"(torch: {first_line(err)})") from None
         if not isinstance(pred, Tensor):
             return
         if pred.is_floating_point() and not (y.is_floating_point() or y.is_complex()) and y[0].shape == pred.shape:
@@ -604,7 +600,7 @@ def _check_fits(learner: "MetaLearner", batch: TaskBatch) -> None:
                 learner.loss_fn(pred, y[0])
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise ValueError(f"{_describe(yname, y)} does not fit the loss on the model's output "
-                             f"{list(pred.shape)} {pred.dtype} (torch: {_torch_line(err)})") from None
+                             f"{list(pred.shape)} {pred.dtype} (torch: {first_line(err)})") from None
 
 
 def _check_finite(losses: Tensor, which: str) -> None:

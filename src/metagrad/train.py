@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._errors import prefixed
+from ._errors import first_line, prefixed
 from ._io import atomic_open, write_json
 from .core import MetaLearner
 from .metrics import finite_means, mean_ci95
@@ -249,8 +249,7 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as err:  # pickle, zip and torch errors of a truncated or foreign file
         state = err
     if isinstance(state, BaseException):
-        first = str(state).strip().splitlines()[0] if str(state).strip() else type(state).__name__
-        raise ValueError(f"{path} is truncated or corrupt ({type(state).__name__}: {first.split('. ')[0][:160]}); delete it "
+        raise ValueError(f"{path} is truncated or corrupt ({type(state).__name__}: {first_line(state).split('. ')[0][:160]}); delete it "
                          f"to train that variant again from the start, or restore it from a copy") from None
     if not isinstance(state, dict) or not isinstance(state.get("learner"), dict):
         raise ValueError(f"{path} is not a metagrad checkpoint (a {type(state).__name__} without a 'learner' "
