@@ -106,12 +106,24 @@ class UserTasks:
         return self.matrix.shape[1]
 
     @property
+    def counts(self) -> Tensor:
+        """Number of ratings of each user."""
+        if "counts" not in self._cache:
+            self._cache["counts"] = (~self.matrix.isnan()).sum(1)
+        return self._cache["counts"]
+
+    @property
     def eligible(self) -> Tensor:
         """Rows of the users with at least ``shots + queries`` ratings."""
         if "eligible" not in self._cache:
-            counts = (~self.matrix.isnan()).sum(1)
-            self._cache["eligible"] = torch.nonzero(counts >= self.shots + self.queries).reshape(-1)
+            self._cache["eligible"] = torch.nonzero(self.counts >= self.shots + self.queries).reshape(-1)
         return self._cache["eligible"]
+
+    def _random_order(self, users: Tensor, generator: torch.Generator) -> Tensor:
+        """Each user's items in random order, its rated ones first: ``[len(users), items]``."""
+        keys = torch.rand(len(users), self.num_items, generator=generator)
+        keys[self.matrix[users].isnan()] = 2.0  # random keys are < 1: unrated items sort last
+        return keys.argsort(1)
 
     def _points(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
         """One-hot inputs and targets of ``items [tasks, points]`` of ``users [tasks]``."""
@@ -124,10 +136,7 @@ class UserTasks:
         _check_counts(num_tasks=num_tasks)
         pick = torch.randint(self.eligible.numel(), (num_tasks,), generator=generator)
         users = self.eligible[pick]
-        # a random order of each user's rated items: random keys, unrated items sorted last
-        keys = torch.rand(num_tasks, self.num_items, generator=generator)
-        keys[self.matrix[users].isnan()] = 2.0
-        items = keys.argsort(1)[:, : self.shots + self.queries]
+        items = self._random_order(users, generator)[:, : self.shots + self.queries]
         x, y = self._points(users, items)
         k = self.shots
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
@@ -138,11 +147,8 @@ class UserTasks:
         the others the query set. Returns ``(batches, users)``: users with the same number of
         ratings share a batch; ``users[j]`` is the row of the ``j``-th task, counting through
         the batches in order."""
-        g = torch.Generator().manual_seed(seed)
-        counts = (~self.matrix.isnan()).sum(1)
-        keys = torch.rand(self.matrix.shape, generator=g)
-        keys[self.matrix.isnan()] = 2.0
-        order = keys.argsort(1)
+        counts = self.counts
+        order = self._random_order(torch.arange(self.matrix.shape[0]), torch.Generator().manual_seed(seed))
         batches, rows = [], []
         for n in sorted(set(counts.tolist())):
             if n <= self.shots:
