@@ -182,6 +182,47 @@ def test_missing_objective_key_lists_the_keys_then_the_sweep_goes_on(tmp_path, c
     assert [(t["state"], t["folder"]) for t in trials] == [("fail", "trial-0000"), ("complete", "trial-0000")]
 
 
+def test_wildcard_objective_is_the_mean_of_the_matching_validation_numbers(tmp_path):
+    """``variants.tanh-*.val_ce`` averages the tanh variants' final validation CE, each being the
+    last validation record of that variant's training (metrics.jsonl), not a test-task number."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "sweep"
+    tiny = ["epochs=1", "batches_per_epoch=4", "train.eval_every=2", "train.val_tasks=16", "train.eval_tasks=24",
+            "steps=[1,2]", 'methods=["vanilla","tanh"]']
+    assert main(["sweep", "wormhole-threshold", "--out", str(out), "--grid", "--param", "c_lr=grid:1.0,10.0",
+                 "--objective", "variants.tanh-*.val_ce", "--direction", "minimize", "--no-progress",
+                 *(a for kv in tiny for a in ("--set", kv))]) == 0
+    trials = _read(out / "sweep.json")["trials"]
+    assert len(trials) == 2
+    for t in trials:
+        folder = out / t["folder"]
+        variants = _read(folder / "summary.json")["variants"]
+        vals = []
+        for name in ("tanh-1step", "tanh-2step"):
+            records = [json.loads(line) for line in (folder / name / "metrics.jsonl").read_text().splitlines()]
+            last = [r for r in records if "val_loss" in r][-1]
+            assert last["iteration"] == 4
+            assert variants[name]["val_ce"] == last["val_loss"]
+            assert _read(folder / name / "summary.json")["validation"] == {
+                "tasks": 16, "iteration": 4, "loss": last["val_loss"], "metric": last["val_metric"]}
+            vals.append(last["val_loss"])
+        assert t["objective"] == pytest.approx(sum(vals) / 2, rel=1e-12)
+        assert variants["vanilla-1step"]["val_ce"] not in vals
+
+
+def test_wildcard_objective_diverged_part_and_no_match():
+    from metagrad.sweep import objective_value
+
+    summary = {"variants": {"a-1": {"v": 1.0}, "a-2": {"v": 3.0}, "b-1": {"v": 10.0, "diverged_tasks": 0}}}
+    assert objective_value(summary, "variants.a-*.v") == 2.0
+    assert objective_value(summary, "variants.*.v") == pytest.approx(14 / 3)
+    assert objective_value(summary, "variants.a-1.v") == 1.0
+    summary["variants"]["a-2"]["diverged_tasks"] = 3
+    assert objective_value(summary, "variants.a-*.v") is None  # one diverged part: the whole mean is diverged
+    with pytest.raises(ValueError, match=r"no numeric key 'variants.c-\*.v'"):
+        objective_value(summary, "variants.c-*.v")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--param", "inner_lr=loguniform:0:1", "--trials", "2"], "loguniform needs LOW > 0, got 0.0"),
     (["--param", "inner_lr=uniform:1:0.5", "--trials", "2"], "LOW must be below HIGH, got 1.0 and 0.5"),

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="finished trials the sweep should hold (default with --grid: the whole grid)")
     s.add_argument("--grid", action="store_true", help="grid search over the listed values (instead of TPE)")
     s.add_argument("--objective", default=None, metavar="KEY",
-                   help="the dotted numeric summary.json key to optimize (default: the experiment's, if it has one)")
+                   help="the dotted numeric summary.json key to optimize, '*' within a part averaging several "
+                        "(e.g. 'variants.tanh-*.val_ce'; default: the experiment's, if it has one)")
     s.add_argument("--direction", choices=("minimize", "maximize"), default=None,
                    help="whether to minimize or maximize the objective (needed with --objective)")
     s.add_argument("--prune-on", choices=("val_metric", "val_loss", "none"), default="val_metric",

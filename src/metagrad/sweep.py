@@ -4,7 +4,10 @@ A sweep searches some config keys of one experiment. Each trial is an ordinary r
 (:func:`metagrad.experiments.run`) in its own folder ``DIR/trial-NNNN``, with the trial's values
 applied as ``--set`` overrides after the sweep's own ``overrides``; its objective is a dotted
 numeric key of the run's ``summary.json`` (the experiment's :attr:`~metagrad.experiments.Experiment.
-sweep_objective` by default). A diverged objective (``null``) counts as the worst value.
+sweep_objective` by default), or the mean of several such keys through ``*`` wildcards
+(:func:`objective_value`). A diverged objective (``null``) counts as the worst value. To select
+on validation tasks only, name a validation number (the experiments' ``val_*`` keys, from each
+variant's last validation in training), not a test-task one.
 
 A parameter is ``KEY=SPEC``:
 
@@ -37,6 +40,7 @@ against each parameter) are rewritten. Needs ``pip install 'metagrad[sweep]'`` (
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import sys
@@ -362,7 +366,8 @@ def _try_lock(folder: Path):
 
 
 def _prune_variant(experiment: Experiment, spec: dict) -> str | None:
-    """The variant whose validation curve the pruner watches: the objective's first key part."""
+    """The variant whose validation curve the pruner watches: the objective's first key part
+    (none for a wildcard objective, which averages several)."""
     first = spec["objective"].split(".", 1)[0]
     config = experiment.resolve([tuple(p) for p in spec["overrides"]])
     return first if first in experiment.variants(config) else None
@@ -417,12 +422,26 @@ def _run_trial(optuna, study, trial, experiment, out_dir, spec, params, prune, *
 
 def objective_value(summary: dict, key: str, folder: Path | str = "the run") -> float | None:
     """The number at dotted ``key`` of a run's summary (``None`` if it diverged); ``ValueError``
-    listing the numeric keys there are if it has none."""
+    listing the numeric keys there are if it has none.
+
+    A part of ``key`` may hold ``*`` / ``?`` wildcards (:mod:`fnmatch`, within one part): the
+    objective is then the mean of every matching number, e.g. ``variants.tanh-*.val_ce`` averages
+    the validation loss of the ``tanh`` variants at every step count; it is ``None`` if any of
+    them diverged."""
     leaves = numeric_leaves(summary)
-    if key not in leaves:
+    parts = key.split(".")
+    matches = [k for k in leaves if k == key or (len(k.split(".")) == len(parts) and all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(k.split("."), parts)))]
+    if not matches:
         keys = [k for k in leaves if not k.rsplit(".", 1)[-1].isdigit()]  # list items left out
         raise ValueError(f"{Path(folder) / 'summary.json'} has no numeric key {key!r}; its keys: {', '.join(keys)} "
-                         f"(list items by index, e.g. KEY.0)")
+                         f"(list items by index, e.g. KEY.0; * matches within a part)")
+    values = [_leaf_value(summary, leaves, k) for k in matches]
+    return None if any(v is None for v in values) else math.fsum(values) / len(values)
+
+
+def _leaf_value(summary: dict, leaves: dict, key: str) -> float | None:
+    """The number at ``key``, ``None`` if it is not finite or its dict counts diverged tasks."""
     value = leaves[key]
     parent = summary  # the dict that holds ``key``: its count of diverged tasks makes the value diverged
     for part in key.split(".")[:-1]:

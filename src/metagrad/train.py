@@ -293,7 +293,10 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
             resuming) to the others, so their folders need not exist and a checkpoint written
             by any number of processes resumes with any other number.
 
-    Returns the summary also written to ``run_dir/summary.json``.
+    Returns the summary also written to ``run_dir/summary.json``: :func:`evaluate_tasks`'s on
+    ``cfg["eval_tasks"]`` test tasks, ``iterations``, and ``validation``: the last validation
+    record (``iteration``, ``loss``, ``metric`` on the ``cfg["val_tasks"]`` validation tasks), the
+    number to select hyperparameters on, where the test tasks' numbers are for reporting only.
     """
     group = distributed.resolve(group)
     cfg = distributed.agree(lambda: _validate(dict(cfg)), group, what="training config")
@@ -407,6 +410,10 @@ def fit(learner: MetaLearner, train_family, eval_family, cfg: dict, run_dir: str
     summary = evaluate_tasks(learner, eval_family, cfg["eval_tasks"], seed=cfg["seed"] + 20_011,
                              batch=cfg["eval_batch"], device=device, group=group, name=desc or run_dir.name)
     summary["iterations"] = cfg["iterations"]
+    final = next((r for r in reversed(records) if "val_loss" in r), None)  # the last iteration validates
+    if final is not None:  # (a rank that resumed without the records has none; rank 0 writes the summary)
+        summary["validation"] = {"tasks": cfg["val_tasks"], "iteration": final["iteration"],
+                                 **{k[len("val_"):]: v for k, v in final.items() if k.startswith("val_")}}
     if device is not None:
         summary["device"] = str(device)
     distributed.on_main(lambda: write_json(run_dir / "summary.json", summary), group)

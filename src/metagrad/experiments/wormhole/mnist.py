@@ -10,7 +10,7 @@ from ...metrics import accuracy
 from ...models import MNISTNet
 from .._report import fmt, write_text
 from ..base import Experiment, Variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
 
 PAPER_MNIST = {"vanilla": {1: 0.500, 2: 0.463, 5: 0.312}, "tanh": {1: 0.500, 2: 0.141, 5: 0.009}}
 
@@ -111,6 +111,7 @@ class WormholeMNIST(Experiment):
             summary["variants"][name] = {
                 "method": method, "steps": k, "error": None if acc is None else 1 - acc,
                 "error_ci95": res["metric"]["ci95"], "query_ce": res["loss"]["mean"],
+                "val_error": None if validation(res, "metric") is None else 1 - validation(res, "metric"),
                 "error_before_adapt": None if res["metric"]["by_step"][0] is None else 1 - res["metric"]["by_step"][0],
                 "paper_error": PAPER_MNIST.get(method, {}).get(k), "diverged_tasks": res["loss"]["diverged"],
                 "eval_tasks": res["tasks"],

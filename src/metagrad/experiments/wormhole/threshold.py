@@ -40,7 +40,7 @@ from ...metrics import binary_accuracy
 from ...tasks import AvgThreshold
 from .._report import fmt, md_table, write_text
 from ..base import Experiment, Variant
-from . import by_method_and_steps, learner, plot_by_steps, split_name, table, train_config
+from . import by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
 
 PAPER_TABLE1 = {  # Avg-Threshold cross-entropy error, Table 1 (1-, 2-, 5-step)
     "vanilla": {1: 5.60, 2: 5.08, 5: 3.33},
@@ -173,7 +173,8 @@ class WormholeThreshold(Experiment):
             summary["variants"][name] = {
                 "method": method, "steps": k, "query_ce_mean": ce, "query_ce_ci95": res["loss"]["ci95"],
                 "query_ce_sum": None if ce is None else ce * q, "accuracy": res["metric"]["mean"],
-                "pre_adapt_ce": res["loss"]["by_step"][0], "paper_ce": PAPER_TABLE1.get(method, {}).get(k),
+                "pre_adapt_ce": res["loss"]["by_step"][0], "val_ce": validation(res, "loss"),
+                "paper_ce": PAPER_TABLE1.get(method, {}).get(k),
                 "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
         plot_by_steps(config, results, out_dir, "wormhole_threshold.png", key="val_loss",

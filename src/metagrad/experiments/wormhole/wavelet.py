@@ -12,7 +12,7 @@ from ...tasks import WaveletTasks, ricker
 from .. import _plot
 from .._report import fmt, write_text
 from ..base import Experiment, Variant, trained_variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
 
 PAPER_WAVELET = {"vanilla": {1: 7.14, 2: 7.63, 5: 7.49}, "tanh": {1: 5.00, 2: 6.05, 5: 5.36}}
 
@@ -125,7 +125,8 @@ class WormholeWavelet(Experiment):
             mse = res["loss"]["mean"]
             entry = {"method": method, "steps": k, "query_mse": mse, "query_mse_ci95": res["loss"]["ci95"],
                      "query_sse": None if mse is None else mse * q, "query_mae": res["metric"]["mean"],
-                     "pre_adapt_mse": res["loss"]["by_step"][0], "filter_l1": self.filter_l1(meta, config),
+                     "pre_adapt_mse": res["loss"]["by_step"][0], "val_mse": validation(res, "loss"),
+                     "filter_l1": self.filter_l1(meta, config),
                      "paper": PAPER_WAVELET.get(method, {}).get(k), "diverged_tasks": res["loss"]["diverged"],
                      "eval_tasks": res["tasks"],
                      "meta_w": meta_w[name].tolist()}
