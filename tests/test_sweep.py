@@ -322,3 +322,30 @@ def test_seeds_refuse_a_seed_override(tmp_path, capsys):
     assert main(["run", "linreg-depth", "--out", str(out), "--seeds", "0", "--set", "inner_lrr=1"]) == 2
     assert "inner_lrr" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_seeds_md_leads_with_the_experiments_own_table_of_means_and_cis(tmp_path, capsys):
+    """Wormhole's seeds report: Table 1's layout, each cell the mean +- t-interval of the seeds'
+    summed query CE (by hand from the per-seed summaries), the paper's number in brackets."""
+    from scipy import stats
+
+    out = tmp_path / "seeds"
+    tiny = ["epochs=1", "batches_per_epoch=3", "train.eval_every=3", "train.val_tasks=16", "train.eval_tasks=24",
+            "steps=[1,2]", 'methods=["vanilla","tanh"]']
+    assert main(["run", "wormhole-threshold", "--out", str(out), "--seeds", "3", "4", "5", "--no-progress",
+                 *(a for kv in tiny for a in ("--set", kv))]) == 0
+    md = (out / "seeds.md").read_text()
+    assert capsys.readouterr().out == md
+    head, rest = md.split("## Every summary key")
+    assert "## Query cross-entropy x queries (Table 1)" in head and "over 3 seeds" in head
+    rows = {r[0]: r[1:] for r in _table_rows(head.split("## Query accuracy")[0])}
+    assert list(rows) == ["Vanilla MAML", "Wormhole tanh (eq 4)"]
+    for label, method, paper in (("Vanilla MAML", "vanilla", ["5.6", "5.08"]), ("Wormhole tanh (eq 4)", "tanh",
+                                                                                   ["1.56", "1.41"])):
+        for cell, k, ref in zip(rows[label], (1, 2), paper):
+            values = [_read(out / f"seed-{s}" / "summary.json")["variants"][f"{method}-{k}step"]["query_ce_sum"]
+                      for s in (3, 4, 5)]
+            half = stats.t.ppf(0.975, df=2) * statistics.stdev(values) / math.sqrt(3)
+            assert cell == f"{statistics.mean(values):.2f} +- {half:.2f} ({ref})"
+    assert len(_table_rows(rest)) == len(_read(out / "seeds.json")["aggregate"])
+

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import distributed
 from .experiments import EXPERIMENTS, evaluate_run, get_experiment, merge_runs, run
-from .experiments.seeds import run_seeds, seeds_table
+from .experiments.seeds import run_seeds
 from ._errors import first_line
 from ._io import read_json
 from .data.download import DownloadError
@@ -213,7 +213,7 @@ def _main(argv: list[str] | None) -> int:
                 result = run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides,
                                    resume=args.resume, progress=not args.no_progress, variants=args.variants,
                                    device=_device(args.device), jobs=args.jobs)
-            print(seeds_table(result), end="")
+            print((Path(args.out) / "seeds.md").read_text(), end="")  # the table run_seeds wrote
             print(f"results in {args.out}", file=sys.stderr)
             return 0
         if args.command == "run":

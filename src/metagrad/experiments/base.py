@@ -65,6 +65,13 @@ class Experiment:
         """Make the experiment's summary (returned, written as summary.json) and plots."""
         return {name: res for name, res in results.items()}
 
+    def seeds_report(self, result: dict) -> list[str]:
+        """Markdown lines that ``seeds.md`` of a multi-seed run (:mod:`.seeds`) shows before its
+        table of every summary key: the experiment's own table with each number's mean and 95% CI
+        across seeds. ``result`` is what ``seeds.json`` holds (``aggregate``: dotted summary key ->
+        ``mean``, ``ci95``, ``n``, ``values``). Default: none."""
+        return []
+
     def variant_config(self, config: dict, name: str) -> dict:
         """What in ``config`` determines how variant ``name`` trains and evaluates. Two runs whose
         variant configs are equal train that variant alike, so :func:`merge_runs` may take it from

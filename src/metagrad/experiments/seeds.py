@@ -86,7 +86,7 @@ def run_seeds(experiment: Experiment, out_dir: str | Path, seeds, overrides=(), 
         result = {**plan, "runs": {str(s): seed_folder(out_dir, s).name for s in seeds},
                   "aggregate": aggregate(list(summaries.values()))}
         write_json(plan_path, result)
-        write_text(out_dir / "seeds.md", seeds_table(result))
+        write_text(out_dir / "seeds.md", seeds_table(result, experiment.seeds_report(result)))
     return result
 
 
@@ -113,14 +113,17 @@ def aggregate(summaries: list[dict]) -> dict[str, dict]:
     return out
 
 
-def seeds_table(result: dict) -> str:
-    """``seeds.md``: one row per numeric summary key, mean, 95% CI, n and each seed's value."""
+def seeds_table(result: dict, headline=()) -> str:
+    """``seeds.md``: the ``headline`` lines (the experiment's :meth:`~.base.Experiment.seeds_report`),
+    then one row per numeric summary key, mean, 95% CI, n and each seed's value."""
     seeds = result["seeds"]
     lines = [f"# {result['experiment']} over seeds {', '.join(map(str, seeds))}", "",
              "Mean over seeds and the half-width of its 95% confidence interval (t-distribution, n - 1 "
              "degrees of freedom); n: seeds with a finite value.", ""]
     if result["overrides"]:
         lines += ["Overrides: " + fmt_overrides(result["overrides"]), ""]
+    if headline:
+        lines += [*headline, "", "## Every summary key", ""]
     lines += md_table(["key", "mean", "95% CI", "n", *(f"seed {s}" for s in seeds)],
                       ([key, fmt_g(a["mean"]), fmt_g(a["ci95"]), a["n"], *map(fmt_g, a["values"])]
                        for key, a in result["aggregate"].items()))

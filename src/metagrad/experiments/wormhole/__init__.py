@@ -82,6 +82,37 @@ def plot_by_steps(config: dict, names, out_dir: Path, filename: str, *, key: str
     _plot.close(fig)
 
 
+def seeds_table(result: dict, key: str, title: str, *, labels: dict, paper: dict | None = None,
+                digits: int = 3) -> list[str]:
+    """Table 1's layout over seeds for :meth:`~metagrad.experiments.Experiment.seeds_report`: one
+    row per method, one column per step count, each cell the mean +- 95% CI across seeds of the
+    variants' ``key`` (and the paper's number in brackets)."""
+    agg = result["aggregate"]
+    found = {}  # method -> {steps: aggregate}, in the order the summaries list the variants
+    for dotted, a in agg.items():
+        parts = dotted.split(".")
+        if len(parts) == 3 and parts[0] == "variants" and parts[2] == key:
+            method, k = split_name(parts[1])
+            found.setdefault(method, {})[k] = a
+    if not found:
+        return []
+    steps = sorted({k for by_steps in found.values() for k in by_steps})
+
+    def cell(a, ref):
+        text = "diverged" if a["mean"] is None else f"{a['mean']:.{digits}f}"
+        if a["ci95"] is not None:
+            text += f" +- {a['ci95']:.{digits}f}"
+        return text + ("" if ref is None else f" ({ref})")
+
+    n = max(a["n"] for by_steps in found.values() for a in by_steps.values())
+    lines = [f"## {title}", "", f"Mean +- 95% CI over {n} seeds" + (" (the paper's Table 1 in brackets)"
+                                                                   if paper else "") + ".", ""]
+    return lines + md_table(["method", *(f"{k} step" + ("s" if k > 1 else "") for k in steps)],
+                            ([labels.get(m, m), *(cell(by_steps[k], (paper or {}).get(m, {}).get(k))
+                                                  if k in by_steps else "-" for k in steps)]
+                             for m, by_steps in found.items()))
+
+
 def table(config: dict, header, rows, cells) -> list[str]:
     """A markdown table of ``rows`` (report entries with ``method`` and ``steps``) in config order."""
     ordered = sorted(rows, key=lambda e: (config["methods"].index(e["method"]), e["steps"]))

@@ -10,7 +10,7 @@ from ...metrics import accuracy
 from ...models import MNISTNet
 from .._report import fmt, write_text
 from ..base import Experiment, Variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
 
 PAPER_MNIST = {"vanilla": {1: 0.500, 2: 0.463, 5: 0.312}, "tanh": {1: 0.500, 2: 0.141, 5: 0.009}}
 
@@ -98,6 +98,10 @@ class WormholeMNIST(Experiment):
             return make
 
         return by_method_and_steps(config, build)
+
+    def seeds_report(self, result: dict) -> list[str]:
+        return [*seeds_table(result, "error", "Meta-test error (Table 1)", labels=LABELS, paper=PAPER_MNIST), "",
+                *seeds_table(result, "error_before_adapt", "Error before adaptation", labels=LABELS)]
 
     def report(self, config, results, out_dir: Path) -> dict:
         source, (tr_x, _), (te_x, _) = mnist_splits(config["data_root"], config["source"])

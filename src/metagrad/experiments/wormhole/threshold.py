@@ -40,7 +40,7 @@ from ...metrics import binary_accuracy
 from ...tasks import AvgThreshold
 from .._report import fmt, md_table, write_text
 from ..base import Experiment, Variant
-from . import by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
+from . import by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
 
 PAPER_TABLE1 = {  # Avg-Threshold cross-entropy error, Table 1 (1-, 2-, 5-step)
     "vanilla": {1: 5.60, 2: 5.08, 5: 3.33},
@@ -161,6 +161,11 @@ class WormholeThreshold(Experiment):
             return make
 
         return by_method_and_steps(config, build)
+
+    def seeds_report(self, result: dict) -> list[str]:
+        return [*seeds_table(result, "query_ce_sum", "Query cross-entropy x queries (Table 1)", labels=LABELS,
+                             paper=PAPER_TABLE1, digits=2), "",
+                *seeds_table(result, "accuracy", "Query accuracy", labels=LABELS)]
 
     def report(self, config, results, out_dir: Path) -> dict:
         q = config["queries"]

@@ -12,7 +12,7 @@ from ...tasks import WaveletTasks, ricker
 from .. import _plot
 from .._report import fmt, write_text
 from ..base import Experiment, Variant, trained_variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, split_name, table, train_config, validation
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
 
 PAPER_WAVELET = {"vanilla": {1: 7.14, 2: 7.63, 5: 7.49}, "tanh": {1: 5.00, 2: 6.05, 5: 5.36}}
 
@@ -106,6 +106,13 @@ class WormholeWavelet(Experiment):
             params = meta.adapt(batch.support_x[i], batch.support_y[i])
             errs.append((_effective_filter(params).detach() - f[i]).abs().sum().item())
         return sum(errs) / len(errs)
+
+    def seeds_report(self, result: dict) -> list[str]:
+        return [*seeds_table(result, "query_sse", "Query squared error summed over a task's queries (Table 1, "
+                             "units unstated there)", labels=LABELS, paper=PAPER_WAVELET), "",
+                *seeds_table(result, "pre_adapt_mse", "Query MSE before adaptation", labels=LABELS, digits=4), "",
+                *seeds_table(result, "filter_l1", "L1 distance of the adapted filter C'w' to the true one",
+                             labels=LABELS)]
 
     def report(self, config, results, out_dir: Path) -> dict:
         q = config["queries"]
