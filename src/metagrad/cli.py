@@ -210,9 +210,9 @@ def _main(argv: list[str] | None) -> int:
             return 0
         if args.command == "run" and args.seeds is not None:
             with stop_on_signals():  # SIGINT / SIGTERM: stop at a safe point, with a checkpoint
-                result = run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides,
-                                   resume=args.resume, progress=not args.no_progress, variants=args.variants,
-                                   device=_device(args.device), jobs=args.jobs)
+                run_seeds(get_experiment(args.name), args.out, args.seeds, args.overrides, resume=args.resume,
+                          progress=not args.no_progress, variants=args.variants, device=_device(args.device),
+                          jobs=args.jobs)
             print((Path(args.out) / "seeds.md").read_text(), end="")  # the table run_seeds wrote
             print(f"results in {args.out}", file=sys.stderr)
             return 0
