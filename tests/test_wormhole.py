@@ -502,3 +502,21 @@ def test_avg_threshold_balanced_puts_tau_at_the_support_median():
         assert torch.all((positives == shots // 2) | (positives == shots - shots // 2))
     with pytest.raises(ValueError, match="threshold must be one of"):
         AvgThreshold(threshold="median")
+
+
+def test_c_phase_per_form_of_c_overrides_the_shared_setting():
+    """``c_phase.<form> = [c_steps, c_lr]`` gives that form's variants their own C phase (the
+    learner's schedule holds it); the other form keeps ``c_steps`` / ``c_lr``; bad pairs are refused."""
+    from metagrad.experiments import get_experiment
+
+    exp = get_experiment("wormhole-threshold")
+    config = exp.resolve(["steps=[2]", "c_steps=3", "c_lr=0.5", "c_phase.tanh=[7,10]"])
+    built = {name: make().learner for name, make in exp.variants(config).items()}
+    phase = {name: (m.schedule.phases[0].steps, m.schedule.phases[0].lr) for name, m in built.items()
+             if m.schedule.phases}
+    assert phase == {"tanh-2step": (7, 10.0), "diag-2step": (3, 0.5)}
+    assert built["vanilla-2step"].schedule.phases == () and built["tanh-2step"].schedule.train_steps == 2
+    for bad in ("[7]", "[-1,1]", "[1.5,1]", "[1,-2]", '"fast"'):
+        config = exp.resolve(["steps=[2]", f"c_phase.tanh={bad}"])
+        with pytest.raises(ValueError, match="c_phase.tanh must be"):
+            exp.variants(config)["tanh-2step"]()

@@ -22,16 +22,31 @@ from .._report import md_table
 LABELS = {"vanilla": "Vanilla MAML", "tanh": "Wormhole tanh"}
 
 
+def c_phase(config: dict, method: str) -> tuple[int, float]:
+    """``(c_steps, c_lr)`` of Wormhole ``method``: ``config["c_phase"][method]`` where that is a
+    ``[c_steps, c_lr]`` pair (e.g. what a sweep chose for that form of C: ``--set
+    'c_phase.tanh=[5,10]'``), otherwise the shared ``config["c_steps"]``, ``config["c_lr"]``."""
+    own = (config.get("c_phase") or {}).get(method)  # runs made before the key have none
+    if own is None:
+        return config["c_steps"], config["c_lr"]
+    if (not isinstance(own, list) or len(own) != 2 or isinstance(own[0], bool) or not isinstance(own[0], int)
+            or own[0] < 0 or isinstance(own[1], bool) or not isinstance(own[1], (int, float)) or own[1] < 0):
+        raise ValueError(f"c_phase.{method} must be [c_steps, c_lr] (an integer >= 0 and a number >= 0) or null, "
+                         f"got {own!r}")
+    return own[0], float(own[1])
+
+
 def learner(base: nn.Module, method: str, steps: int, config: dict, loss_fn, metric_fn, *, layers=None,
             vectorize: bool = True) -> MetaLearner:
     """Vanilla MAML on ``base`` (``method="vanilla"``) or Wormhole MAML with C of form ``method``:
-    ``config["c_steps"]`` steps on C at ``config["c_lr"]`` (Algorithm 1), then ``steps`` on the weights."""
+    ``c_steps`` steps on C at ``c_lr`` (:func:`c_phase`; Algorithm 1), then ``steps`` on the weights."""
     if method == "vanilla":
         model, adapt, schedule = base, "all", Schedule(steps)
     else:
         model = Wormhole(base, method, layers=layers)
         adapt = model.model_patterns()
-        schedule = model.schedule(steps, c_steps=config["c_steps"], c_lr=config["c_lr"])
+        c_steps, c_lr = c_phase(config, method)
+        schedule = model.schedule(steps, c_steps=c_steps, c_lr=c_lr)
     return MetaLearner(model, loss_fn, adapt=adapt, lr=config["inner_lr"], meta_gradient=config["meta_gradient"],
                        schedule=schedule, metric_fn=metric_fn, vectorize=vectorize)
 

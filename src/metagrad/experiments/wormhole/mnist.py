@@ -55,7 +55,7 @@ class WormholeMNIST(Experiment):
             "quick": False, "seed": 0, "data_root": None, "source": "auto",
             "ways": 2, "shots": 1, "queries": 5, "channels": [20, 50], "hidden": 500,
             "inner_lr": 0.01, "steps": [1, 2, 5], "methods": ["vanilla", "tanh"],
-            "c_steps": 5, "c_lr": 1.0, "c_layers": "head.weight",
+            "c_steps": 5, "c_lr": 1.0, "c_phase": {"tanh": None}, "c_layers": "head.weight",
             "epochs": 100, "batches_per_epoch": None,
             "meta_gradient": "unrolled", "vectorize": False,
             "train": {

@@ -12,8 +12,13 @@ Choices the paper leaves open (all config keys):
   epoch is ``batches_per_epoch = 100`` meta-batches of 10 tasks, so 150 epochs = 15,000 outer steps.
 * shots/queries per task: not stated; 10 support and 10 query points.
 * the C phase (``n_c``, ``gamma`` of Algorithm 1): not stated; ``c_steps = 1`` step at
-  ``c_lr = 1.0``. C starts at 1.0 for ``diag`` and at ``tanh(t) = 0.9`` for ``tanh`` (tanh(t) = 1 is
-  unreachable; see :class:`~metagrad.learners.Wormhole`).
+  ``c_lr = 1.0`` (``c_phase.<form> = [c_steps, c_lr]`` gives one form its own). C starts at 1.0
+  for ``diag`` and at ``tanh(t) = 0.9`` for ``tanh`` (tanh(t) = 1 is unreachable; see
+  :class:`~metagrad.learners.Wormhole`).
+* the threshold: ``threshold = "uniform"`` draws ``tau ~ U[0, 1]`` as the paper writes, which
+  leaves about 60% of support sets with one class only; ``"balanced"`` puts tau at the median of
+  the support points' means (:class:`~metagrad.tasks.AvgThreshold`), the balanced batches of the
+  paper's eq. 13 analysis.
 * units of Table 1: the paper calls them "cross-entropy error" and its analysis (eq. 8) writes the
   loss as a *sum* over the data batch; the values (5.60 ... 1.41) exceed any per-example mean that a
   classifier would reach, so we read them as the summed query cross-entropy of a task (batch size
@@ -135,6 +140,7 @@ class WormholeThreshold(Experiment):
             "methods": ["vanilla", "tanh", "diag"],
             "c_steps": 1,
             "c_lr": 1.0,
+            "c_phase": {"tanh": None, "diag": None},  # [c_steps, c_lr] of one form of C (None: the above)
             "epochs": 150,
             "batches_per_epoch": 100,
             "meta_gradient": "unrolled",

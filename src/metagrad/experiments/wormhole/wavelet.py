@@ -62,7 +62,7 @@ class WormholeWavelet(Experiment):
             "points": 20, "a": 1.0, "half_width": 5.0, "max_shift": 2.0,
             "shots": 10, "queries": 10,
             "inner_lr": 5e-2, "steps": [1, 2, 5], "methods": ["vanilla", "tanh"],
-            "c_steps": 5, "c_lr": 1.0, "w_init": None,
+            "c_steps": 5, "c_lr": 1.0, "c_phase": {"tanh": None}, "w_init": None,
             "epochs": 1500, "batches_per_epoch": 1, "filter_tasks": 500,
             "meta_gradient": "unrolled",
             "train": {
