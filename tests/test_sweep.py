@@ -182,6 +182,25 @@ def test_missing_objective_key_lists_the_keys_then_the_sweep_goes_on(tmp_path, c
     assert [(t["state"], t["folder"]) for t in trials] == [("fail", "trial-0000"), ("complete", "trial-0000")]
 
 
+def test_a_trial_whose_training_diverges_is_diverged_and_the_sweep_goes_on(tmp_path, capsys):
+    pytest.importorskip("optuna")
+    from metagrad import DivergedError
+    from metagrad.experiments import run
+
+    with pytest.raises(DivergedError, match="non-finite"):  # the setting diverges as a plain run, too
+        run(get_experiment("linreg-depth"), tmp_path / "plain", [*TINY, "inner_lr=1000.0"], progress=False)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "linreg-depth", "--out", str(out), "--grid", "--param", "inner_lr=grid:0.1,1000.0",
+                 *FAST]) == 0
+    trials = {t["params"]["inner_lr"]: t for t in _read(out / "sweep.json")["trials"]}
+    assert trials[0.1]["state"] == "complete" and trials[0.1]["objective"] is not None
+    bad = trials[1000.0]
+    assert bad["state"] == "complete" and bad["objective"] is None and "non-finite" in bad["diverged"]
+    assert _read(out / "sweep.json")["best"]["params"] == {"inner_lr": 0.1}
+    rows = _table_rows((out / "sweep.md").read_text())
+    assert rows[-1][1] == "diverged"
+
+
 def test_wildcard_objective_is_the_mean_of_the_matching_validation_numbers(tmp_path):
     """``variants.tanh-*.val_ce`` averages the tanh variants' final validation CE, each being the
     last validation record of that variant's training (metrics.jsonl), not a test-task number."""

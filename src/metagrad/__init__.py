@@ -4,7 +4,7 @@ Four orthogonal choices make a method: the learner (which parameters adapt), the
 the meta-gradient and the schedule. :class:`MetaLearner` composes them.
 """
 from . import backend, distributed, models
-from .core import MetaLearner, TaskModel
+from .core import DivergedError, MetaLearner, TaskModel
 from .inner import InnerProblem, InnerResult, InnerState, inner_loop
 from .gradients import (
     Adjoint, AdjointSolverError, Checkpointed, FirstOrder, Implicit, MetaGradient, Reptile, Unrolled, make_meta_gradient,
@@ -17,7 +17,7 @@ from .tasks import LinearRegression1D, LogisticRegression2D, Sinusoid, TaskBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "MetaLearner", "TaskModel", "InnerProblem", "InnerState", "InnerResult", "inner_loop", "Schedule", "Phase", "TaskBatch",
+    "MetaLearner", "TaskModel", "DivergedError", "InnerProblem", "InnerState", "InnerResult", "inner_loop", "Schedule", "Phase", "TaskBatch",
     "UpdateRule", "SGD", "MetaSGD", "MetaCurvature", "MetaKFO", "Adam", "Momentum", "make_rule",
     "MetaGradient", "Unrolled", "FirstOrder", "Reptile", "Adjoint", "AdjointSolverError", "Implicit", "Checkpointed",
     "make_meta_gradient",

@@ -215,7 +215,8 @@ class MetaLearner(nn.Module):
         bad = ~torch.isfinite(aux["query_loss"])
         if bad.any():
             task = int(bad.nonzero()[0])
-            raise ValueError(f"non-finite query loss {aux['query_loss'][task].item()} after adaptation of task {task}")
+            raise DivergedError(f"non-finite query loss {aux['query_loss'][task].item()} after adaptation of task "
+                                f"{task}")
         return grads, {"meta_objective": objective, **aux}
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer, *, vectorize: bool | None = None,
@@ -603,12 +604,18 @@ def _check_fits(learner: "MetaLearner", batch: TaskBatch) -> None:
                              f"{list(pred.shape)} {pred.dtype} (torch: {first_line(err)})") from None
 
 
+class DivergedError(ValueError):
+    """Meta-training met a non-finite inner or query loss (e.g. an inner learning rate too large):
+    the outcome of these settings, where other ``ValueError`` s are bad input. A sweep records
+    such a trial as diverged and goes on."""
+
+
 def _check_finite(losses: Tensor, which: str) -> None:
-    """Raise ``ValueError`` naming the first (task, step) whose loss is not finite."""
+    """Raise :class:`DivergedError` naming the first (task, step) whose loss is not finite."""
     bad = ~torch.isfinite(losses)
     if bad.any():
         task, step = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
+        raise DivergedError(
             f"non-finite {which} loss {losses[task, step].item()} at step {step} of task {task} "
             f"(try a smaller inner learning rate)"
         )

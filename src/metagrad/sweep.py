@@ -31,6 +31,8 @@ several processes or machines sharing ``DIR`` (a shared filesystem) run one swee
 Every trial holds a lock on ``DIR/trial-NNNN/.sweep-trial.lock`` (``fcntl.flock``) while it
 runs; a trial left running in the study whose lock is free was killed: it is marked failed and
 retried (at most :data:`MAX_RETRIES` times), continuing from the checkpoints in its folder.
+A trial whose training diverges (:class:`~metagrad.DivergedError`, a non-finite loss) is complete
+with a diverged objective, its error kept in ``sweep.json``; the sweep goes on.
 A folder without ``summary.json`` is not a finished run.
 
 After every trial ``DIR/sweep.json`` (every trial: number, state, params, objective, folder),
@@ -49,9 +51,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._errors import first_line
 from ._io import write_json
 from ._lock import try_lock
 from .config import _parse_value, _split_override
+from .core import DivergedError
 from .experiments import Experiment, run
 from .experiments.base import _dotted
 from .experiments import _plot
@@ -401,9 +405,13 @@ def _run_trial(optuna, study, trial, experiment, out_dir, spec, params, prune, *
         try:
             resume = (folder / "config.json").exists()
             overrides = [] if resume else [*map(tuple, spec["overrides"]), *values.items()]
-            summary = run(experiment, folder, overrides, resume=resume, progress=progress, device=device,
-                          on_validate=report_validation if prune else None)
-            value = objective_value(summary, spec["objective"], folder)
+            try:
+                summary = run(experiment, folder, overrides, resume=resume, progress=progress, device=device,
+                              on_validate=report_validation if prune else None)
+                value = objective_value(summary, spec["objective"], folder)
+            except DivergedError as err:  # these settings diverge in training: a result (the worst), not a failure
+                trial.set_user_attr("diverged", first_line(err))
+                value = None
         except optuna.TrialPruned:
             study.tell(trial, state=state.PRUNED)
             outcome = f"pruned at iteration {max(study.get_trials(deepcopy=False)[trial.number].intermediate_values)}"
@@ -472,7 +480,7 @@ def report(study, out_dir: str | Path, params: list[Param]) -> dict:
                "objective": value if value is not None and math.isfinite(value) else None,
                "folder": t.user_attrs.get("folder")}
         if t.state == state.COMPLETE and row["objective"] is None:
-            row["diverged"] = True
+            row["diverged"] = t.user_attrs.get("diverged", True)  # the training error, where training diverged
         if t.state == state.PRUNED and t.intermediate_values:
             row["pruned_at_iteration"] = max(t.intermediate_values)
         if "retry_history" in t.system_attrs:
