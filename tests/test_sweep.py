@@ -46,14 +46,16 @@ def test_grid_sweep_table_holds_the_trials_own_results(tmp_path, capsys):
     md = (out / "sweep.md").read_text()
     assert printed == md
     result = _read(out / "sweep.json")
-    assert result["objective"] == "deep.post_adapt_mse" and result["direction"] == "minimize"  # the default
+    assert result["objective"] == "deep.val_mse" and result["direction"] == "minimize"  # the default: validation
     trials = result["trials"]
     assert [t["state"] for t in trials] == ["complete"] * 3
     assert sorted(t["params"]["inner_lr"] for t in trials) == grid  # each grid point once
     experiment = get_experiment("linreg-depth")
     for t in trials:
         folder = out / t["folder"]
-        assert t["objective"] == _read(folder / "summary.json")["deep"]["post_adapt_mse"]
+        assert t["objective"] == _read(folder / "summary.json")["deep"]["val_mse"]
+        logged = [json.loads(line) for line in (folder / "deep" / "metrics.jsonl").read_text().splitlines()]
+        assert t["objective"] == [r["val_metric"] for r in logged if "val_metric" in r][-1]  # the last validation
         # a trial is the run that `metagrad run --set ... --set inner_lr=v` makes
         assert _read(folder / "config.json") == experiment.resolve([*TINY, f"inner_lr={t['params']['inner_lr']}"])
     rows = _table_rows(md)
@@ -81,7 +83,7 @@ def test_tpe_sweep_reports_validation_curves(tmp_path):
         assert params["hidden"] in ([8, 8], [16, 16])
         assert (config["inner_lr"], config["train"]["meta_lr"], config["hidden"]) == \
             (params["inner_lr"], params["train.meta_lr"], params["hidden"])
-        assert t["objective"] == _read(out / t["folder"] / "summary.json")["5-shot"]["post_adapt_mse"]
+        assert t["objective"] == _read(out / t["folder"] / "summary.json")["5-shot"]["val_mse"]
         # the pruner saw the objective's variant's validation curve, as the training loop logged it
         logged = [json.loads(line) for line in (out / t["folder"] / "5-shot" / "metrics.jsonl").read_text().splitlines()]
         curve = {r["iteration"]: r["val_metric"] for r in logged if "val_metric" in r and r["iteration"] > 0}

@@ -21,7 +21,7 @@ A parameter is ``KEY=SPEC``:
 Without ``grid``, Optuna's TPE sampler proposes the values and its median pruner stops trials
 whose validation curve lags behind the other trials' at the same iteration: the ``val_metric``
 (or ``val_loss``, see ``prune_on``) that the training loop records every ``train.eval_every``
-iterations, of the variant the objective key starts with (``deep`` in ``deep.post_adapt_mse``;
+iterations, of the variant the objective key starts with (``deep`` in ``deep.val_mse``;
 none if it starts with no variant's name). That value must improve in the objective's direction.
 
 The study lives in ``DIR/sweep.journal`` (Optuna's ``JournalStorage``, one append-only file), so

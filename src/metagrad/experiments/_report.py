@@ -50,6 +50,13 @@ def md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def validation(result: dict, key: str) -> float | None:
+    """A variant's final validation ``key`` (``"loss"`` / ``"metric"``) on its validation tasks
+    (``train.fit``'s summary): the number to select settings on, where the test tasks' numbers are
+    for reporting only. ``None`` for runs made before fit recorded it."""
+    return result.get("validation", {}).get(key)
+
+
 def md_table(header, rows=(), *, rule: str = "---") -> list[str]:
     """The lines of a markdown table: ``header``, a rule of ``rule`` cells, then ``rows``."""
     return [md_row(header), "|" + "|".join([rule] * len(header)) + "|", *(md_row(r) for r in rows)]

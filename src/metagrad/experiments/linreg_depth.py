@@ -17,13 +17,14 @@ from ..models import linear_chain
 from ..schedule import Schedule
 from ..tasks import LinearRegression1D
 from . import _plot
+from ._report import validation
 from .base import Experiment, Variant
 
 
 class LinregDepth(Experiment):
     name = "linreg-depth"
     resume_keys = ("train.iterations",)
-    sweep_objective = ("deep.post_adapt_mse", "minimize")
+    sweep_objective = ("deep.val_mse", "minimize")  # validation tasks, not test
     description = "Arnold et al. Fig 1 left: MAML on 1-D linear regression, Shallow (c x) vs Deep (a b x)"
 
     def default_config(self) -> dict:
@@ -65,7 +66,7 @@ class LinregDepth(Experiment):
             summary[name] = {
                 "post_adapt_mse": res["metric"]["mean"],
                 "post_adapt_mse_ci95": res["metric"]["ci95"],
-                "pre_adapt_mse": res["metric"]["by_step"][0],
+                "pre_adapt_mse": res["metric"]["by_step"][0], "val_mse": validation(res, "metric"),
                 "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
         summary["noise_floor_mse"] = 1.0

@@ -14,13 +14,14 @@ from ..models import MLP
 from ..schedule import Schedule
 from ..tasks import Sinusoid
 from . import _plot
+from ._report import validation
 from .base import Experiment, Variant
 
 
 class SinusoidExperiment(Experiment):
     name = "sinusoid"
     resume_keys = ("train.iterations",)
-    sweep_objective = ("5-shot.post_adapt_mse", "minimize")
+    sweep_objective = ("5-shot.val_mse", "minimize")  # validation tasks, not test
     description = "Finn et al. sinusoid regression: MAML 5-shot vs 10-shot, post-adaptation MSE vs inner steps"
 
     def default_config(self) -> dict:
@@ -74,6 +75,7 @@ class SinusoidExperiment(Experiment):
             summary[name] = {
                 "post_adapt_mse": res["loss"]["mean"], "post_adapt_mse_ci95": res["loss"]["ci95"],
                 "mse_after_train_steps": curve[config["train_steps"]], "mse_by_step": curve,
+                "val_mse": validation(res, "loss"),
                 "diverged_tasks": res["loss"]["diverged"], "eval_tasks": res["tasks"],
             }
             ax.plot(range(len(curve)), [float("nan") if v is None else v for v in curve], marker="o",

@@ -60,12 +60,6 @@ def train_config(config: dict, iterations: int) -> dict:
     return {**config["train"], "seed": config["seed"], "iterations": iterations}
 
 
-def validation(result: dict, key: str) -> float | None:
-    """A variant's final validation ``key`` (``"loss"`` / ``"metric"``) on the validation tasks, the
-    number sweeps select the C phase on (``None`` for runs made before fit recorded it)."""
-    return result.get("validation", {}).get(key)
-
-
 def split_name(name: str) -> tuple[str, int]:
     """``"tanh-2step"`` -> ``("tanh", 2)``."""
     method, steps = name.rsplit("-", 1)

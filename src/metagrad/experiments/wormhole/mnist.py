@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from ...data import EpisodeSampler, mnist_splits
 from ...metrics import accuracy
 from ...models import MNISTNet
-from .._report import fmt, write_text
+from .._report import fmt, validation, write_text
 from ..base import Experiment, Variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config
 
 PAPER_MNIST = {"vanilla": {1: 0.500, 2: 0.463, 5: 0.312}, "tanh": {1: 0.500, 2: 0.141, 5: 0.009}}
 

@@ -43,9 +43,9 @@ from torch import nn
 
 from ...metrics import binary_accuracy
 from ...tasks import AvgThreshold
-from .._report import fmt, md_table, write_text
+from .._report import fmt, md_table, validation, write_text
 from ..base import Experiment, Variant
-from . import by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
+from . import by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config
 
 PAPER_TABLE1 = {  # Avg-Threshold cross-entropy error, Table 1 (1-, 2-, 5-step)
     "vanilla": {1: 5.60, 2: 5.08, 5: 3.33},

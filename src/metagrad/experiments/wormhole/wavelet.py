@@ -10,9 +10,9 @@ from torch import nn
 from ...metrics import mean_abs_error
 from ...tasks import WaveletTasks, ricker
 from .. import _plot
-from .._report import fmt, write_text
+from .._report import fmt, validation, write_text
 from ..base import Experiment, Variant, trained_variant
-from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config, validation
+from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config
 
 PAPER_WAVELET = {"vanilla": {1: 7.14, 2: 7.63, 5: 7.49}, "tanh": {1: 5.00, 2: 6.05, 5: 5.36}}
 
