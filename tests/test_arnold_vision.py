@@ -182,6 +182,29 @@ def test_init_option_reaches_every_cnn_of_the_experiments():
     assert (al.base_cnn(2, cfg).features[0].bias == 0).all()
 
 
+
+def test_learn2learn_cnn_options_reach_every_cnn_and_old_configs_keep_ours():
+    exp = get_experiment("arnold-table3")
+    methods = 'methods=' + json.dumps(list(exp.methods))
+    cfg = exp.resolve(["channels=8", "downsample=stride", "pool=mean", "init=l2l", methods])
+    for method, k in exp.variant_specs(cfg).values():
+        learner, _ = al.build_learner(method, k, cfg)
+        cnns = [m for m in learner.model.modules() if isinstance(m, CNN)]
+        assert len(cnns) == 1 and cnns[0].pool == "mean" and cnns[0].downsample == "stride", method
+        assert cnns[0].feature_dim == 8 and not any(isinstance(m, torch.nn.MaxPool2d) for m in learner.model.modules())
+        x = torch.randn(10, 1, 28, 28)
+        assert learner.model(x).shape == (10, 5)
+    base = al.base_cnn(2, cfg)
+    assert base.feature_dim == 8 and base.pool == "mean"
+    # a config without the keys (runs stored before them) builds our network and merges with the default
+    default = exp.resolve(["channels=8", methods])
+    assert (default["downsample"], default["pool"]) == ("maxpool", "flatten")
+    old = {k: v for k, v in default.items() if k not in ("downsample", "pool")}
+    assert al.base_cnn(2, old).feature_dim == 8 * 7 * 7
+    assert exp.variant_config(old, "maml-cnn2") == exp.variant_config(default, "maml-cnn2")
+    assert exp.variant_config(cfg, "maml-cnn2")["pool"] == "mean"
+
+
 def test_variants_shared_between_experiments_merge_into_another_experiments_run(tmp_path, omniglot_root):
     # MAML and Meta-KFO on CNN(2) trained for Table 3 complete a Fig. 4 run trained on CNN(3) only:
     # the merged report equals that of one arnold-depth run of all four variants

@@ -184,3 +184,44 @@ def test_center_norm_has_second_derivatives():
 
     assert torch.autograd.gradcheck(f, (x, b))
     assert torch.autograd.gradgradcheck(f, (x, b))
+
+
+def test_mean_pool_stride_cnn_matches_manual_learn2learn_omniglot_network():
+    # learn2learn's OmniglotCNN (Finn et al.'s Omniglot net): stride-2 convs, no max-pooling, the head on
+    # the per-channel mean of the last feature map; computed here with the functional ops
+    torch.manual_seed(0)
+    m = CNN(2, 5, channels=6, image_size=28, downsample="stride", pool="mean", init="l2l")
+    assert m.feature_dim == 6 and m.head.in_features == 6
+    x = torch.randn(7, 1, 28, 28)
+    h = x
+    convs = [l for l in m.features if isinstance(l, nn.Conv2d)]
+    bns = [l for l in m.features if isinstance(l, nn.BatchNorm2d)]
+    assert not any(isinstance(l, nn.MaxPool2d) for l in m.features)
+    for conv, bn in zip(convs, bns):
+        h = torch.nn.functional.conv2d(h, conv.weight, conv.bias, stride=2, padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = ((h - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]).relu()
+    assert h.shape[2:] == (7, 7)
+    ref = h.sum(dim=(2, 3)) / 49 @ m.head.weight.T + m.head.bias
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    # the l2l init: Xavier convs with zero biases, BatchNorm scales U(0, 1), standard-normal head, zero head bias
+    big = CNN(2, 5, channels=256, downsample="stride", pool="mean", init="l2l")
+    scales = torch.cat([l.weight.detach() for l in big.features if isinstance(l, nn.BatchNorm2d)])
+    assert scales.min() >= 0 and scales.max() < 1 and scales.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert all((l.bias == 0).all() for l in big.features if isinstance(l, (nn.Conv2d, nn.BatchNorm2d)))
+    assert big.head.weight.std().item() == pytest.approx(1.0, rel=0.2) and (big.head.bias == 0).all()
+    with pytest.raises(ValueError, match="pool must be"):
+        CNN(2, 5, pool="max")
+
+
+def test_default_cnn_is_unchanged_by_the_pool_option():
+    torch.manual_seed(3)
+    a = CNN(2, 5, channels=8)
+    torch.manual_seed(3)
+    b = CNN(2, 5, channels=8, downsample="maxpool", pool="flatten", init="torch")
+    assert a.feature_dim == 8 * 7 * 7
+    for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(ta, tb)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(a(x), a.head(a.features(x).flatten(1)))

@@ -41,8 +41,10 @@ def build_model(method: str, k: int, config: dict) -> nn.Module:
 
 
 def _cnn_options(config: dict) -> dict:
-    """CNN keyword arguments of a config: channels (the paper's by default), input shape, init."""
+    """CNN keyword arguments of a config: channels (the paper's by default), input shape, init,
+    downsampling and pooling (configs from before these keys: ours, max-pooling and flatten)."""
     return dict(channels=config["channels"] or PAPER_CHANNELS[config["dataset"]], init=config.get("init", "torch"),
+                downsample=config.get("downsample", "maxpool"), pool=config.get("pool", "flatten"),
                 **input_shape(config["dataset"]))
 
 

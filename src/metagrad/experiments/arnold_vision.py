@@ -63,6 +63,17 @@ Where the paper is silent, this module chooses (all configurable):
 * **Lost table cells** of the paper text available here: see :mod:`.arnold_paper`; the report
   shows "n/a" for a lost accuracy.
 
+**The paper's CNN.** The paper's code builds on learn2learn, whose Omniglot network
+(``l2l.vision.models.OmniglotCNN``, like Finn et al.'s Omniglot network) has stride-2 convolutions
+instead of max-pooling and averages the last feature map over positions before the linear head
+(so CNN(2)'s head sees 32 features, ours 32 x 7 x 7), BatchNorm scales initialized uniform in [0, 1)
+and a standard-normal head. ``downsample="stride"``, ``pool="mean"``, ``init="l2l"`` select that
+network; the defaults (``"maxpool"``, ``"flatten"``, ``"torch"``) are the network of our stored
+tables. learn2learn's BatchNorm tracks running statistics, but neither its examples nor the
+authors' released code (github.com/Sha-Lab/kfo) calls ``model.eval()``: they normalize with batch
+statistics at test time too, as ours always does. See ``results/README.md``, "Why our MAML on
+CNN(2) beats the paper's 66.6".
+
 ``vectorize`` is off by default (the per-task loop is faster than ``vmap`` for this conv net on CPU;
 set ``vectorize=true`` on a GPU). ``adapt_lr.<method>`` / ``meta_lr.<method>`` override the paper's
 rates of one method (``None``: the paper's); the table shows the rates used and the paper's.
@@ -87,6 +98,9 @@ from ._report import compare, fmt_ci, md_table, write_text
 from .arnold_learners import _algorithm, build_learner
 from .arnold_paper import DATASETS, LABELS, paper_accuracy, paper_rates, rates
 from .base import Experiment, Variant
+
+
+_CNN_SHAPE = {"downsample": "maxpool", "pool": "flatten"}
 
 
 # ---------------------------------------------------------------------------------- experiments
@@ -119,6 +133,9 @@ class _ArnoldVision(Experiment):
             "channels": None,  # None: the paper's (32 Omniglot / CIFAR-FS, 64 mini-ImageNet)
             # CNN init: "torch", or "xavier" as in learn2learn's CNN4, on which the paper built
             "init": "torch",
+            # CNN shape (module docstring, "The paper's CNN"): ours "maxpool" + "flatten"; learn2learn's
+            # OmniglotCNN is downsample=stride, pool=mean, init=l2l
+            **_CNN_SHAPE,
             "architectures": list(self.architectures),
             "methods": list(self.methods),
             "linnet_widths": list(PAPER_VISION_WIDTHS),
@@ -176,7 +193,7 @@ class _ArnoldVision(Experiment):
         one of these experiments merges into another's run (``metagrad merge``)."""
         method, k = self.variant_specs(config)[name]
         own = ("only", "experiment", "methods", "architectures", "adapt_lr", "meta_lr")
-        shared = {key: v for key, v in config.items() if key not in own}
+        shared = _CNN_SHAPE | {key: v for key, v in config.items() if key not in own}  # runs from before the keys
         return shared | {"method": method, "conv_layers": k, "rates": list(rates(config, method))}
 
     def _split(self, config, which):

@@ -36,7 +36,8 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
 
 
 class CNN(nn.Module):
-    """Finn et al. (2017) convolutional classifier: ``k`` conv blocks, flatten, linear ``head``.
+    """Finn et al. (2017) convolutional classifier: ``k`` conv blocks, flatten (or spatial mean),
+    linear ``head``.
 
     Each block is a 3x3 convolution (padding 1), ``BatchNorm2d(track_running_stats=False)``
     and ReLU, followed by 2x2 max-pooling (``downsample="maxpool"``; skipped once the
@@ -58,9 +59,15 @@ class CNN(nn.Module):
             the conv weights' scale does not change the function but does change the effective
             inner learning rate (the gradient scales as ``1 / ||w||``), so an inner lr tuned for one
             init does not carry to the other.
+            ``"l2l"``: learn2learn's ``OmniglotCNN`` (Xavier-uniform conv weights, zero biases,
+            BatchNorm scales uniform in [0, 1), a standard-normal ``head`` weight, zero head bias).
         norm: ``"affine"`` (PyTorch's BatchNorm: learned scale and shift, eps 1e-5) or
             ``"center"`` (Finn et al.'s TensorFlow code, ``tf.contrib.layers.batch_norm`` defaults:
             a learned shift only, no scale, eps 1e-3).
+        pool: ``"flatten"`` (the head sees every position of the last feature map) or ``"mean"``
+            (the head sees the per-channel mean over positions, ``feature_dim = channels``: Finn et
+            al.'s Omniglot network without max-pooling and learn2learn's ``OmniglotCNN``, i.e.
+            ``downsample="stride", pool="mean", init="l2l"``).
 
     Attributes:
         features: the ``nn.Sequential`` of blocks.
@@ -79,6 +86,7 @@ class CNN(nn.Module):
         downsample: str = "maxpool",
         init: str = "torch",
         norm: str = "affine",
+        pool: str = "flatten",
     ):
         super().__init__()
         _check_int("k", k)
@@ -88,11 +96,13 @@ class CNN(nn.Module):
         _check_int("image_size", image_size)
         if downsample not in ("maxpool", "stride"):
             raise ValueError(f"downsample must be 'maxpool' or 'stride', got {downsample!r}")
-        if init not in ("torch", "maml", "xavier"):
-            raise ValueError(f"init must be 'torch', 'maml' or 'xavier', got {init!r}")
+        if init not in ("torch", "maml", "xavier", "l2l"):
+            raise ValueError(f"init must be 'torch', 'maml', 'xavier' or 'l2l', got {init!r}")
         if norm not in ("affine", "center"):
             raise ValueError(f"norm must be 'affine' or 'center', got {norm!r}")
-        self.k, self.ways, self.downsample = k, ways, downsample
+        if pool not in ("flatten", "mean"):
+            raise ValueError(f"pool must be 'flatten' or 'mean', got {pool!r}")
+        self.k, self.ways, self.downsample, self.pool = k, ways, downsample, pool
         layers: list[nn.Module] = []
         size, cin = image_size, in_channels
         for _ in range(k):
@@ -106,7 +116,7 @@ class CNN(nn.Module):
                 size //= 2
             cin = channels
         self.features = nn.Sequential(*layers)
-        self.feature_dim = channels * size * size
+        self.feature_dim = channels if pool == "mean" else channels * size * size
         self.head = nn.Linear(self.feature_dim, ways)
         if init != "torch":
             with torch.no_grad():
@@ -114,7 +124,9 @@ class CNN(nn.Module):
                     if isinstance(m, nn.Conv2d):
                         nn.init.xavier_uniform_(m.weight)
                         m.bias.zero_()
-                if init == "maml":
+                    elif init == "l2l" and isinstance(m, nn.BatchNorm2d):
+                        nn.init.uniform_(m.weight)
+                if init in ("maml", "l2l"):
                     self.head.weight.normal_()
                 else:
                     nn.init.xavier_uniform_(self.head.weight)
@@ -122,7 +134,8 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, ways]`` for images ``[B, in_channels, image_size, image_size]``."""
-        return self.head(self.features(x).flatten(1))
+        h = self.features(x)
+        return self.head(h.mean((2, 3)) if self.pool == "mean" else h.flatten(1))
 
 
 class MNISTNet(nn.Module):
