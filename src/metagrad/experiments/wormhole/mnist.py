@@ -101,7 +101,7 @@ class WormholeMNIST(Experiment):
 
     def seeds_report(self, result: dict) -> list[str]:
         return [*seeds_table(result, "error", "Meta-test error (Table 1)", labels=LABELS, paper=PAPER_MNIST), "",
-                *seeds_table(result, "error_before_adapt", "Error before adaptation", labels=LABELS)]
+                *seeds_table(result, "error_before_adapt", "Error before the steps on the weights (Wormhole: after its C phase)", labels=LABELS)]
 
     def report(self, config, results, out_dir: Path) -> dict:
         source, (tr_x, _), (te_x, _) = mnist_splits(config["data_root"], config["source"])
