@@ -40,11 +40,15 @@ def build_model(method: str, k: int, config: dict) -> nn.Module:
     return TNet(cnn) if mod == "tnets" else cnn
 
 
+#: the CNN shape keys of the config and their values before the keys existed (our network)
+CNN_SHAPE = {"downsample": "maxpool", "pool": "flatten"}
+
+
 def _cnn_options(config: dict) -> dict:
     """CNN keyword arguments of a config: channels (the paper's by default), input shape, init,
     downsampling and pooling (configs from before these keys: ours, max-pooling and flatten)."""
     return dict(channels=config["channels"] or PAPER_CHANNELS[config["dataset"]], init=config.get("init", "torch"),
-                downsample=config.get("downsample", "maxpool"), pool=config.get("pool", "flatten"),
+                **{key: config.get(key, old) for key, old in CNN_SHAPE.items()},
                 **input_shape(config["dataset"]))
 
 

@@ -95,12 +95,9 @@ from ..data import EpisodeSampler, load_meta_split, omniglot_splits
 from ..learners import PAPER_VISION_WIDTHS
 from . import _plot
 from ._report import compare, fmt_ci, md_table, write_text
-from .arnold_learners import _algorithm, build_learner
+from .arnold_learners import CNN_SHAPE, _algorithm, build_learner
 from .arnold_paper import DATASETS, LABELS, paper_accuracy, paper_rates, rates
 from .base import Experiment, Variant
-
-
-_CNN_SHAPE = {"downsample": "maxpool", "pool": "flatten"}
 
 
 # ---------------------------------------------------------------------------------- experiments
@@ -135,7 +132,7 @@ class _ArnoldVision(Experiment):
             "init": "torch",
             # CNN shape (module docstring, "The paper's CNN"): ours "maxpool" + "flatten"; learn2learn's
             # OmniglotCNN is downsample=stride, pool=mean, init=l2l
-            **_CNN_SHAPE,
+            **CNN_SHAPE,
             "architectures": list(self.architectures),
             "methods": list(self.methods),
             "linnet_widths": list(PAPER_VISION_WIDTHS),
@@ -193,7 +190,7 @@ class _ArnoldVision(Experiment):
         one of these experiments merges into another's run (``metagrad merge``)."""
         method, k = self.variant_specs(config)[name]
         own = ("only", "experiment", "methods", "architectures", "adapt_lr", "meta_lr")
-        shared = _CNN_SHAPE | {key: v for key, v in config.items() if key not in own}  # runs from before the keys
+        shared = CNN_SHAPE | {key: v for key, v in config.items() if key not in own}  # runs from before the keys
         return shared | {"method": method, "conv_layers": k, "rates": list(rates(config, method))}
 
     def _split(self, config, which):
