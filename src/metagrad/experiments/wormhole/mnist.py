@@ -15,6 +15,11 @@ from . import LABELS, by_method_and_steps, learner, plot_by_steps, seeds_table, 
 PAPER_MNIST = {"vanilla": {1: 0.500, 2: 0.463, 5: 0.312}, "tanh": {1: 0.500, 2: 0.141, 5: 0.009}}
 
 
+def _error(accuracy: float | None) -> float | None:
+    """Classification error ``1 - accuracy`` (``None`` where the accuracy is)."""
+    return None if accuracy is None else 1 - accuracy
+
+
 class WormholeMNIST(Experiment):
     """``wormhole-mnist``: Wormhole MAML section 4.3 (2-way 1-shot MNIST) and Table 1.
 
@@ -101,7 +106,8 @@ class WormholeMNIST(Experiment):
 
     def seeds_report(self, result: dict) -> list[str]:
         return [*seeds_table(result, "error", "Meta-test error (Table 1)", labels=LABELS, paper=PAPER_MNIST), "",
-                *seeds_table(result, "error_before_adapt", "Error before the steps on the weights (Wormhole: after its C phase)", labels=LABELS)]
+                *seeds_table(result, "error_before_adapt",
+                             "Error before the steps on the weights (Wormhole: after its C phase)", labels=LABELS)]
 
     def report(self, config, results, out_dir: Path) -> dict:
         source, (tr_x, _), (te_x, _) = mnist_splits(config["data_root"], config["source"])
@@ -111,18 +117,17 @@ class WormholeMNIST(Experiment):
                    "units": "meta-test classification error (1 - query accuracy after adaptation)", "variants": {}}
         for name, res in results.items():
             method, k = split_name(name)
-            acc = res["metric"]["mean"]
             summary["variants"][name] = {
-                "method": method, "steps": k, "error": None if acc is None else 1 - acc,
+                "method": method, "steps": k, "error": _error(res["metric"]["mean"]),
                 "error_ci95": res["metric"]["ci95"], "query_ce": res["loss"]["mean"],
-                "val_error": None if validation(res, "metric") is None else 1 - validation(res, "metric"),
-                "error_before_adapt": None if res["metric"]["by_step"][0] is None else 1 - res["metric"]["by_step"][0],
+                "val_error": _error(validation(res, "metric")),
+                "error_before_adapt": _error(res["metric"]["by_step"][0]),
                 "paper_error": PAPER_MNIST.get(method, {}).get(k), "diverged_tasks": res["loss"]["diverged"],
                 "eval_tasks": res["tasks"],
                 "iterations": res["iterations"]}
         plot_by_steps(config, results, out_dir, "wormhole_mnist.png", key="val_metric", per_epoch=bpe,
                       ylabel="meta-test error (held-out images)", labels=LABELS,
-                      transform=lambda y: None if y is None else 1 - y,
+                      transform=_error,
                       title=f"2-way 1-shot MNIST ({source}): vanilla MAML vs Wormhole MAML")
 
         lines = [f"# 2-way 1-shot MNIST (Wormhole MAML sec 4.3, Table 1), {config['epochs']} epochs "

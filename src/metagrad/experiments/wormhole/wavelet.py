@@ -110,7 +110,8 @@ class WormholeWavelet(Experiment):
     def seeds_report(self, result: dict) -> list[str]:
         return [*seeds_table(result, "query_sse", "Query squared error summed over a task's queries (Table 1, "
                              "units unstated there)", labels=LABELS, paper=PAPER_WAVELET), "",
-                *seeds_table(result, "pre_adapt_mse", "Query MSE before the steps on w (Wormhole: after its C phase)", labels=LABELS, digits=4), "",
+                *seeds_table(result, "pre_adapt_mse", "Query MSE before the steps on w (Wormhole: after its C phase)",
+                             labels=LABELS, digits=4), "",
                 *seeds_table(result, "filter_l1", "L1 distance of the adapted filter C'w' to the true one",
                              labels=LABELS)]
 
