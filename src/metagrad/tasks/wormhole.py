@@ -16,6 +16,14 @@ from .base import TaskBatch, _check_counts
 THRESHOLDS = ("uniform", "balanced")
 
 
+def median_threshold(values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``values`` ``[..., n]``: the middle value, or halfway between the two middle ones
+    for an even ``n``, so that half of the row lies above it (Avg-Threshold's balanced tau)."""
+    s = values.sort(-1).values
+    n = s.shape[-1]
+    return (s[..., (n - 1) // 2] + s[..., n // 2]) / 2
+
+
 @dataclass(frozen=True)
 class AvgThreshold:
     """The Avg-Threshold task family: ``y = 1[s mean(x) > s tau]``, ``x ~ U[0,1]^dim``.
@@ -42,12 +50,10 @@ class AvgThreshold:
         tau = torch.rand((num_tasks, 1, 1), generator=generator, dtype=self.dtype)
         s = torch.randint(0, 2, (num_tasks, 1, 1), generator=generator).to(self.dtype) * 2 - 1
         x = torch.rand((num_tasks, n, self.dim), generator=generator, dtype=self.dtype)
-        if self.threshold == "balanced":
-            means = x[:, : self.shots].mean(-1).sort(-1).values  # [T, shots]
-            k = self.shots
-            tau = ((means[:, (k - 1) // 2] + means[:, k // 2]) / 2).reshape(-1, 1, 1)
-        y = (s * x.mean(-1, keepdim=True) > s * tau).to(self.dtype)  # [T, n, 1]
         k = self.shots
+        if self.threshold == "balanced":
+            tau = median_threshold(x[:, :k].mean(-1)).reshape(-1, 1, 1)  # the support means' median
+        y = (s * x.mean(-1, keepdim=True) > s * tau).to(self.dtype)  # [T, n, 1]
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
 
 

@@ -43,6 +43,7 @@ from torch import nn
 
 from ...metrics import binary_accuracy
 from ...tasks import AvgThreshold
+from ...tasks.wormhole import median_threshold
 from .._report import fmt, md_table, validation, write_text
 from ..base import Experiment, Variant
 from . import by_method_and_steps, learner, plot_by_steps, seeds_table, split_name, table, train_config
@@ -108,9 +109,7 @@ def eq13_check(*, dim: int = 5, points: int = 10, batches: int = 2000, scales=(1
     which they are at ``dtau = 0``), and the fraction of separable batches."""
     g = torch.Generator().manual_seed(seed)
     m = torch.rand((batches, points, dim), generator=g, dtype=torch.float64).mean(-1)
-    tau = m.median(-1, keepdim=True).values
-    if points % 2 == 0:  # put tau* between the two middle means so exactly half are positive
-        tau = (m.sort(-1).values[:, points // 2 - 1: points // 2 + 1]).mean(-1, keepdim=True)
+    tau = median_threshold(m)[:, None]  # between the two middle means: exactly half are positive
     y = (m > tau).to(m.dtype)
     rows = []
     for k in scales:
